@@ -1,0 +1,170 @@
+"""`heygen-ray` command line: thin wrappers over the library (each command = one library call)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Type
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from heygen_ray.config import SMOKE_OVERRIDES, ConfigError, DataSpec, PipelineSpec, Spec, SPEC_KINDS, load_spec, spec_kind_for
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep, compress and serve video/text models on Ray.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate configs.")
+data_app = typer.Typer(no_args_is_help=True, help="The embedded data set and the Ray Data pipelines.")
+pipeline_app = typer.Typer(no_args_is_help=True, help="The end-to-end pipeline.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
+
+console = Console()
+err_console = Console(stderr=True)
+
+OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. video.clip_frames=8", show_default=False)
+
+
+def _load(cls: Type[Spec], config: Optional[Path], overrides: Optional[List[str]], smoke_key: Optional[str] = None) -> Any:
+    ovr = list(SMOKE_OVERRIDES.get(smoke_key, [])) if smoke_key else []
+    ovr += list(overrides or [])
+    try:
+        return load_spec(cls, config, ovr)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+        raise typer.Exit(2)
+
+
+def _write_results(path: Optional[Path], payload: Dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        console.print(f"results written to {path}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML file under configs/<kind>/"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    kind: Optional[str] = typer.Option(None, help=f"spec kind: {', '.join(SPEC_KINDS)} (default: from the folder)"),
+) -> None:
+    """Validate a config (+ overrides) and print the resolved spec as YAML."""
+    try:
+        cls = SPEC_KINDS[kind] if kind else spec_kind_for(config)
+    except (ConfigError, KeyError) as err:
+        err_console.print(f"config error: {err}", highlight=False)
+        raise typer.Exit(2)
+    spec = _load(cls, config, overrides)
+    sys.stdout.write(spec.to_yaml())
+
+
+def _progress_printer():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    tasks: Dict[str, int] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total)
+        progress.update(tasks[name], completed=done, total=total)
+
+    return progress, update
+
+
+def print_data_summary(summary: Dict[str, Any]) -> None:
+    if summary.get("synth"):
+        s = summary["synth"]
+        console.print(
+            f"generated {s['num_clips']} clips ({s['total_bytes'] / 1e6:.1f} MB) and {s['num_documents']} documents "
+            f"in {s['seconds']:.1f} s ({s['clips_per_second']} clips/s) -> {s['output_dir']}"
+        )
+    v = summary["video"]
+    t = Table(title=f"video pipeline: {v['manifest']} ({v['num_classes']} classes)")
+    for col in ("split", "clips", "clip shape (T,H,W,C)", "dropped", "seconds", "clips/s"):
+        t.add_column(col)
+    for split, row in v["splits"].items():
+        t.add_row(split, str(row["clips"]), str(tuple(row["shape"] or ())), str(row["dropped"]), str(row["seconds"]), str(row["clips_per_second"]))
+    console.print(t)
+    x = summary["text"]
+    t = Table(title=f"text pipeline: tokenizer {x['tokenizer_dir']} (vocab {x['vocab_size']}{', trained now' if x['tokenizer_trained_now'] else ''})")
+    for col in ("sequences", "seq_len", "tokens", "seconds", "tokens/s"):
+        t.add_column(col)
+    t.add_row(str(x["sequences"]), str(x["seq_len"]), str(x["tokens"]), str(x["seconds"]), str(x["tokens_per_second"]))
+    console.print(t)
+
+
+@data_app.command("synth")
+def data_synth(
+    config: Path = typer.Option(Path("configs/data/quickstart.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    local: bool = typer.Option(False, help="render in this process instead of Ray tasks"),
+    results: Optional[Path] = typer.Option(None, help="write a JSON summary here"),
+) -> None:
+    """Generate the embedded data set (captioned clips of moving shapes as H.264 mp4 + manifest + corpus)."""
+    from heygen_ray.data.synthetic import generate_dataset
+    from heygen_ray.runtime import init_ray
+
+    spec: DataSpec = _load(DataSpec, config, overrides)
+    if spec.synth is None:
+        err_console.print("config error: the config has no synth section")
+        raise typer.Exit(2)
+    if not local:
+        init_ray()
+    progress, update = _progress_printer()
+    with progress:
+        res = generate_dataset(spec.synth, use_ray=not local, on_progress=lambda d, n: update("synth", d, n))
+    console.print(json.dumps(res.to_dict(), indent=1))
+    _write_results(results, res.to_dict())
+
+
+@data_app.command("run")
+def data_run(
+    config: Path = typer.Option(Path("configs/data/quickstart.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    regenerate: bool = typer.Option(False, help="regenerate the embedded set even if it exists"),
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="tiny sizes"),
+    results: Optional[Path] = typer.Option(None, help="write a JSON summary here"),
+) -> None:
+    """Generate the embedded set if absent, then run the video and text pipelines and print a summary."""
+    from heygen_ray.data.stage import run_data_stage
+    from heygen_ray.runtime import init_ray
+
+    spec: DataSpec = _load(DataSpec, config, overrides, "data" if smoke_test else None)
+    init_ray()
+    progress, update = _progress_printer()
+    with progress:
+        summary = run_data_stage(spec, regenerate=regenerate, on_progress=update)
+    print_data_summary(summary)
+    _write_results(results, summary)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    config: Path = typer.Option(Path("configs/pipeline/quickstart.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="tiny sizes"),
+    results: Optional[Path] = typer.Option(None, help="write a JSON summary here (default: <output_dir>/results.json)"),
+) -> None:
+    """Run the pipeline's stages in order (so far: data)."""
+    from heygen_ray.pipeline import run_pipeline
+
+    spec: PipelineSpec = _load(PipelineSpec, config, overrides, "pipeline" if smoke_test else None)
+    progress, update = _progress_printer()
+    with progress:
+        summary = run_pipeline(spec, on_progress=update)
+    if "data" in summary["stages"]:
+        print_data_summary(summary["stages"]["data"])
+    _write_results(results or Path(spec.output_dir) / "results.json", summary)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

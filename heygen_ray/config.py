@@ -1,0 +1,429 @@
+"""Validated specs for every stage: YAML + dotted overrides -> one pydantic spec.
+
+Conventions (see DESIGN.md):
+* Every spec is a pydantic model with ``extra="forbid"`` and ``strict=True``: a misspelled key, a
+  float where an int is wanted ("8.0" from a sweep sampler) or a string where a number is wanted
+  fails before anything runs.
+* Errors are :class:`ConfigError` and name the source (the YAML file or the override) and the dotted
+  field path, with a "did you mean" for misspelled keys.
+* Specs cross process boundaries as plain dicts (``spec.to_dict()``) and are re-validated on arrival
+  (``SpecCls.from_dict(d)``).
+
+Stage specs are named ``*Spec`` so they never shadow Ray's ``ScalingConfig``/``RunConfig``/``DataConfig``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+S = TypeVar("S", bound="Spec")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before anything runs. The message names where and what."""
+
+
+class Spec(BaseModel):
+    """Base of every stage spec: strict, closed, dumpable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, validate_assignment=True)
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-able dict (what crosses Ray process boundaries)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved spec as YAML (loads back to an equal spec)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Short content hash of the resolved spec (stable across key order)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls: Type[S], data: Mapping[str, Any], *, source: str = "<dict>") -> S:
+        """Validate a plain dict (e.g. one that crossed a process boundary)."""
+        return validate_spec(cls, data, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, error formatting
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python scalars (Tune samples numpy values); a float stays a float, so an
+    int field given 8.0 still fails loudly."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _fields_at(spec_cls: Type[BaseModel], path: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """The field names available at a dotted prefix, or None if the prefix is free-form."""
+    cls: Any = spec_cls
+    for part in path:
+        fields = _model_fields(cls)
+        if fields is None:
+            return None
+        if part not in fields:
+            return {}
+        cls = fields[part]
+    return _model_fields(cls)
+
+
+def _model_fields(annotation: Any) -> Optional[Dict[str, Any]]:
+    """Map field name -> annotation for a (possibly Optional/Union) pydantic model annotation."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {name: f.annotation for name, f in annotation.model_fields.items()}
+    if get_origin(annotation) is Union or str(get_origin(annotation)) == "types.UnionType":
+        merged: Dict[str, Any] = {}
+        found = False
+        for arg in get_args(annotation):
+            sub = _model_fields(arg)
+            if sub is not None:
+                merged.update(sub)
+                found = True
+        return merged if found else None
+    return None
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_errors(spec_cls: Type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        dotted = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            fields = _fields_at(spec_cls, loc[:-1]) or {}
+            msg = f"unknown field{_suggest(loc[-1], fields)}; allowed: {', '.join(sorted(fields))}"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("missing",):
+                got = e["input"]
+                if not isinstance(got, (dict, list)):
+                    msg += f" (got {got!r} of type {type(got).__name__})"
+        lines.append(f"  {source}: {dotted}: {msg}")
+    kind = spec_cls.__name__
+    return f"invalid {kind} ({len(lines)} error{'s' if len(lines) > 1 else ''}):\n" + "\n".join(lines)
+
+
+def validate_spec(spec_cls: Type[S], data: Mapping[str, Any], *, source: str = "<dict>") -> S:
+    """Validate ``data`` into ``spec_cls``; raise :class:`ConfigError` naming source + dotted path."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return spec_cls.model_validate(_plain(dict(data)))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(spec_cls, err, source)) from None
+
+
+def load_yaml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a YAML mapping; missing files and syntax errors become ConfigErrors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``"video.clip_frames=8"`` -> (["video", "clip_frames"], 8). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty path component in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return parts, value
+
+
+def apply_overrides(spec_cls: Type[BaseModel], data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply dotted overrides to a raw dict, checking every path against ``spec_cls``'s fields."""
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        for depth, part in enumerate(parts):
+            fields = _fields_at(spec_cls, parts[:depth])
+            if fields is not None and part not in fields:
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override {text!r}: unknown field {where!r}{_suggest(part, fields)}; "
+                    f"allowed at this level: {', '.join(sorted(fields))}"
+                )
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_spec(
+    spec_cls: Type[S],
+    path: Union[str, os.PathLike, None] = None,
+    overrides: Sequence[str] = (),
+    *,
+    data: Optional[Mapping[str, Any]] = None,
+) -> S:
+    """YAML file (or a dict) + dotted overrides -> validated spec. Fails before anything runs."""
+    raw: Dict[str, Any] = dict(data) if data is not None else (load_yaml(path) if path is not None else {})
+    raw = apply_overrides(spec_cls, raw, list(overrides))
+    source = str(path) if path is not None else "<config>"
+    if overrides:
+        source += f" + overrides [{', '.join(overrides)}]"
+    return validate_spec(spec_cls, raw, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+class RaySpec(Spec):
+    """How a job reaches Ray. ``address=None`` starts a local Ray (or joins the one a job runs in)."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = Field(default=None, ge=1, description="only when starting a local Ray")
+    object_store_memory_mb: Optional[int] = Field(default=None, ge=64)
+
+
+class SplitSpec(Spec):
+    train: float = Field(default=0.8, ge=0.0, le=1.0)
+    val: float = Field(default=0.1, ge=0.0, le=1.0)
+    test: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitSpec":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1.0, got {total:g}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Data stage
+# --------------------------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+DIRECTIONS = ("left", "right", "up", "down")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+    "magenta": (210, 50, 200),
+    "cyan": (40, 200, 210),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+}
+SPEEDS = {"slowly": 0.6, "quickly": 1.4}  # shape-sizes travelled over the clip, see data/synthetic.py
+
+
+class SynthSpec(Spec):
+    """The embedded data set: captioned clips of moving shapes encoded as real H.264 mp4."""
+
+    output_dir: str = "data/quickstart"
+    num_clips: int = Field(default=240, ge=1)
+    frames: int = Field(default=16, ge=2, le=512)
+    height: int = Field(default=64, ge=16, le=224)
+    width: int = Field(default=64, ge=16, le=224)
+    fps: int = Field(default=8, ge=1, le=120)
+    seed: int = 0
+    shapes: List[Literal["circle", "square", "triangle", "diamond", "cross", "ring"]] = Field(
+        default_factory=lambda: ["circle", "square", "triangle", "diamond"], min_length=1
+    )
+    directions: List[Literal["left", "right", "up", "down"]] = Field(
+        default_factory=lambda: list(DIRECTIONS), min_length=1
+    )
+    colors: List[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow", "magenta", "cyan"], min_length=1)
+    speeds: List[Literal["slowly", "quickly"]] = Field(default_factory=lambda: ["slowly", "quickly"], min_length=1)
+    noise_std: float = Field(default=0.04, ge=0.0, le=0.5, description="background noise, fraction of 255")
+    max_distractors: int = Field(default=1, ge=0, le=8, description="static grey shapes per clip, 0..max")
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    crf: int = Field(default=18, ge=0, le=51, description="x264 quality (lower = better, bigger files)")
+    descriptions_per_clip: int = Field(default=2, ge=0, le=16, description="long scene descriptions in the text corpus")
+    clips_per_task: int = Field(default=32, ge=1, description="clips generated by one Ray task")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthSpec":
+        if self.height % 2 or self.width % 2:
+            raise ValueError(f"height and width must be even for H.264 yuv420p, got {self.height}x{self.width}")
+        return self
+
+    @field_validator("colors")
+    @classmethod
+    def _known_colors(cls, v: List[str]) -> List[str]:
+        unknown = [c for c in v if c not in COLORS]
+        if unknown:
+            raise ValueError(f"unknown colors {unknown}; known: {', '.join(COLORS)}")
+        return v
+
+    @field_validator("shapes", "directions", "colors", "speeds")
+    @classmethod
+    def _no_duplicates(cls, v: List[str]) -> List[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicates in {v}")
+        return v
+
+    @property
+    def label_names(self) -> List[str]:
+        """Class labels: shape x direction (e.g. 'circle_left'); colour and speed are nuisances."""
+        return [f"{s}_{d}" for s in self.shapes for d in self.directions]
+
+
+class ManifestColumnsSpec(Spec):
+    """Column names in a user's manifest (the embedded set uses the defaults)."""
+
+    path: str = "path"
+    label: Optional[str] = "label"
+    caption: Optional[str] = "caption"
+    split: Optional[str] = "split"
+
+
+class VideoDataSpec(Spec):
+    """The Ray Data video pipeline: manifest -> PyAV decode -> T sampled frames -> uint8 (T,H,W,3)."""
+
+    manifest: Optional[str] = Field(
+        default=None, description="parquet/CSV/JSONL manifest: local path or pyarrow URI (s3://...); "
+        "default: <synth.output_dir>/manifest.parquet"
+    )
+    columns: ManifestColumnsSpec = Field(default_factory=ManifestColumnsSpec)
+    clip_frames: int = Field(default=8, ge=1, le=512)
+    height: int = Field(default=32, ge=8, le=1024)
+    width: int = Field(default=32, ge=8, le=1024)
+    sampling: Literal["auto", "uniform", "random"] = Field(
+        default="auto", description="auto: random segment offsets for train, uniform otherwise"
+    )
+    short_clips: Literal["pad", "drop"] = Field(default="pad", description="clips with fewer than clip_frames frames")
+    resize: Literal["squash", "center_crop"] = "squash"
+    decode_threads: int = Field(default=1, ge=0, le=16, description="PyAV threads per decoder (0 = auto)")
+    decode_batch_size: int = Field(default=16, ge=1)
+    num_decoders: Optional[int] = Field(default=None, ge=1, description="decoder actors; default: cluster CPUs")
+    decoder_num_cpus: float = Field(default=1.0, gt=0.0, le=64.0)
+    seed: int = 0
+
+
+class TextDataSpec(Spec):
+    """The Ray Data text pipeline: corpus -> byte-level BPE -> packed fixed-length sequences."""
+
+    corpus: Optional[str] = Field(default=None, description="JSONL/parquet corpus; default: <synth.output_dir>/corpus.jsonl")
+    text_field: str = "text"
+    tokenizer_dir: Optional[str] = Field(default=None, description="default: <synth.output_dir>/tokenizer")
+    vocab_size: int = Field(default=1024, ge=260, le=1_000_000)
+    min_frequency: int = Field(default=2, ge=1)
+    seq_len: int = Field(default=64, ge=2, le=1_000_000)
+    caption_max_tokens: int = Field(default=24, ge=2, le=4096)
+    batch_size: int = Field(default=256, ge=1)
+    num_tokenizers: int = Field(default=1, ge=1)
+    tokenizer_num_cpus: float = Field(default=0.5, gt=0.0)
+
+
+class DataSpec(Spec):
+    """The data stage: optionally generate the embedded set, then the video and text pipelines."""
+
+    synth: Optional[SynthSpec] = Field(default_factory=SynthSpec)
+    video: VideoDataSpec = Field(default_factory=VideoDataSpec)
+    text: TextDataSpec = Field(default_factory=TextDataSpec)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "DataSpec":
+        root = self.synth.output_dir if self.synth is not None else None
+        missing = []
+        if self.video.manifest is None:
+            missing.append("video.manifest")
+        if self.text.corpus is None:
+            missing.append("text.corpus")
+        if self.text.tokenizer_dir is None:
+            missing.append("text.tokenizer_dir")
+        if missing and root is None:
+            raise ValueError(f"{', '.join(missing)} must be set when there is no synth section")
+        # Assign through __dict__: validate_assignment would re-run this validator recursively.
+        if self.video.manifest is None:
+            self.video.__dict__["manifest"] = f"{root}/manifest.parquet"
+        if self.text.corpus is None:
+            self.text.__dict__["corpus"] = f"{root}/corpus.jsonl"
+        if self.text.tokenizer_dir is None:
+            self.text.__dict__["tokenizer_dir"] = f"{root}/tokenizer"
+        if self.synth is not None and self.video.short_clips == "drop" and self.synth.frames < self.video.clip_frames:
+            raise ValueError(
+                f"video.clip_frames={self.video.clip_frames} > synth.frames={self.synth.frames} with "
+                "video.short_clips='drop' would drop every generated clip; use short_clips='pad' or fewer clip_frames"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline (grows with each stage)
+# --------------------------------------------------------------------------------------------------
+
+
+class PipelineSpec(Spec):
+    """The end-to-end job. Stages run in order; only those listed in ``stages`` run."""
+
+    name: str = "quickstart"
+    stages: List[Literal["data"]] = Field(default_factory=lambda: ["data"], min_length=1)
+    output_dir: str = "runs/quickstart"
+    data: DataSpec = Field(default_factory=DataSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+
+SPEC_KINDS: Dict[str, Type[Spec]] = {
+    "data": DataSpec,
+    "synth": SynthSpec,
+    "pipeline": PipelineSpec,
+}
+
+
+def spec_kind_for(path: Union[str, os.PathLike]) -> Type[Spec]:
+    """Pick the spec class from the configs/<kind>/ folder a YAML lives in."""
+    parent = Path(path).resolve().parent.name
+    if parent in SPEC_KINDS:
+        return SPEC_KINDS[parent]
+    raise ConfigError(
+        f"{path}: cannot tell the spec kind from folder {parent!r}; pass --kind one of {', '.join(SPEC_KINDS)}"
+    )
+
+
+# Sizes for ``--smoke-test``: each job runs on 2 CPUs in a minute or two.
+SMOKE_OVERRIDES: Dict[str, List[str]] = {
+    "data": ["synth.num_clips=32", "synth.output_dir=data/smoke", "synth.descriptions_per_clip=1"],
+    "pipeline": ["data.synth.num_clips=32", "data.synth.output_dir=data/smoke", "output_dir=runs/smoke",
+                 "data.synth.descriptions_per_clip=1"],
+}

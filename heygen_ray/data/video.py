@@ -1,0 +1,298 @@
+"""The Ray Data video pipeline: manifest -> PyAV decode (one row per clip) -> uint8 (T, H, W, 3).
+
+The manifest (parquet, CSV or JSONL; a local path or any pyarrow URI) is read in the driver, checked,
+and turned into a dataset of rows; a pool of :class:`ClipDecoder` actors decodes each file with the
+pure functions in :mod:`heygen_ray.data.decode`. Bad files (missing, truncated, not a video, too
+short with ``short_clips='drop'``) are dropped and counted by a small stats actor; if every file of
+the pipeline is bad, decoding fails with an error that says so. Normalisation to float happens on the
+training worker (:func:`heygen_ray.data.transforms.video_to_float`), so the object store carries uint8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from heygen_ray import fsutil
+from heygen_ray.config import ConfigError, VideoDataSpec
+from heygen_ray.data.decode import DecodeError, decode_clip
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTED_PATHS = 5
+
+
+class AllVideosFailedError(RuntimeError):
+    """Every file in the pipeline failed to decode: almost surely a wrong path or root, not bad luck."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def read_manifest(uri: str, spec: VideoDataSpec) -> "pyarrow.Table":  # noqa: F821
+    """Read and check a manifest; returns columns path (absolute URI), label, caption, split, row_id.
+
+    Relative paths in the manifest are resolved against the manifest's folder, so a data set folder
+    can be moved or copied to object storage as a whole.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    if not fsutil.exists(uri):
+        raise ConfigError(f"video.manifest: file not found: {uri}")
+    fs, path = fsutil.filesystem(uri)
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".parquet", ".pq"):
+            table = pq.read_table(path, filesystem=fs)
+        elif ext == ".csv":
+            with fs.open_input_stream(path) as f:
+                table = pacsv.read_csv(f)
+        elif ext in (".jsonl", ".json", ".ndjson"):
+            with fs.open_input_stream(path) as f:
+                table = pajson.read_json(f)
+        else:
+            raise ConfigError(f"video.manifest: {uri}: unsupported extension {ext!r} (use .parquet, .csv or .jsonl)")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ConfigError(f"video.manifest: {uri}: cannot read: {err}") from None
+
+    cols = spec.columns
+    present = table.column_names
+    wanted = {"path": cols.path, "label": cols.label, "caption": cols.caption, "split": cols.split}
+    if cols.path not in present:
+        raise ConfigError(f"video.manifest: {uri}: no column {cols.path!r} (video.columns.path); columns: {present}")
+    out: Dict[str, Any] = {}
+    base = fsutil.parent(uri)
+    out["path"] = pa.array([fsutil.join(base, str(p)) for p in table.column(cols.path).to_pylist()], pa.string())
+    for key in ("label", "caption", "split"):
+        name = wanted[key]
+        if name is None or name not in present:
+            continue
+        col = table.column(name)
+        if key == "label":
+            if not pa.types.is_integer(col.type):
+                raise ConfigError(f"video.manifest: {uri}: column {name!r} (video.columns.label) must hold integers, got {col.type}")
+            out["label"] = col.cast(pa.int64())
+        else:
+            out[key] = col.cast(pa.string())
+    out["row_id"] = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    result = pa.table(out)
+    return result.replace_schema_metadata(table.schema.metadata)
+
+
+def label_names_for(uri: str, table: "pyarrow.Table") -> Optional[List[str]]:  # noqa: F821
+    """Label names from the manifest's metadata or a labels.json beside it (None when unknown)."""
+    meta = table.schema.metadata or {}
+    if b"heygen_ray.label_names" in meta:
+        return json.loads(meta[b"heygen_ray.label_names"])
+    side = fsutil.join(fsutil.parent(uri), "labels.json")
+    if fsutil.exists(side):
+        return json.loads(fsutil.read_bytes(side))["label_names"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray side: the stats actor and the decoder
+# --------------------------------------------------------------------------------------------------
+
+
+class DecodeStats:
+    """Ray actor: which rows decoded and which were dropped (unique by row id, so re-reading an epoch
+    does not double count)."""
+
+    def __init__(self, manifest_rows: int, num_rows: int, manifest: str) -> None:
+        self.state = np.zeros(manifest_rows, dtype=np.int8)  # by row id: 0 unseen, 1 ok, 2 dropped
+        self.total = num_rows  # rows in this dataset (one split of the manifest)
+        self.manifest = manifest
+        self.examples: List[Dict[str, str]] = []
+        self.reasons: Dict[str, int] = {}
+
+    def report(self, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
+        """Record a batch; returns True when every row of the pipeline has been dropped."""
+        self.state[np.asarray(ok_ids, dtype=np.int64)] = 1
+        for b in bad:
+            if self.state[b["row_id"]] != 2:
+                self.state[b["row_id"]] = 2
+                kind = b["reason"].split(":", 1)[0]
+                self.reasons[kind] = self.reasons.get(kind, 0) + 1
+                if len(self.examples) < MAX_REPORTED_PATHS:
+                    self.examples.append({"path": b["path"], "reason": b["reason"]})
+        return int((self.state == 2).sum()) == self.total
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "rows": self.total,
+            "decoded": int((self.state == 1).sum()),
+            "dropped": int((self.state == 2).sum()),
+            "dropped_examples": list(self.examples),
+            "dropped_reasons": dict(self.reasons),
+        }
+
+
+class ClipDecoder:
+    """Callable class for ``map_batches``: reads each file through pyarrow and decodes it with PyAV.
+
+    One instance per actor: the filesystem handles are made once, not once per batch.
+    """
+
+    def __init__(self, spec: Dict[str, Any], sampling: str, stats: Any, manifest: str) -> None:
+        self.spec = VideoDataSpec.from_dict(spec)  # re-validated on arrival
+        self.sampling = sampling
+        self.stats = stats
+        self.manifest = manifest
+        self.rng = np.random.default_rng([self.spec.seed, os.getpid()])
+
+    def _read(self, uri: str) -> bytes:
+        try:
+            return fsutil.read_bytes(uri)
+        except FileNotFoundError:
+            raise DecodeError("missing: file not found") from None
+        except OSError as err:
+            raise DecodeError(f"unreadable: {err}") from None
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        s = self.spec
+        keep, clips, source_frames, ok_ids, bad = [], [], [], [], []
+        for i, (uri, row_id) in enumerate(zip(batch["path"], batch["row_id"])):
+            try:
+                clip, n = decode_clip(
+                    self._read(str(uri)), s.clip_frames, s.height, s.width, sampling=self.sampling,
+                    short_clips=s.short_clips, resize=s.resize, threads=s.decode_threads, rng=self.rng,
+                )
+            except DecodeError as err:
+                log.warning("dropping %s: %s", uri, err)
+                bad.append({"row_id": int(row_id), "path": str(uri), "reason": str(err)})
+                continue
+            keep.append(i)
+            clips.append(clip)
+            source_frames.append(n)
+            ok_ids.append(int(row_id))
+        all_bad = self._report(ok_ids, bad)
+        if all_bad:
+            import ray
+
+            summary = ray.get(self.stats.summary.remote())
+            examples = "; ".join(f"{e['path']} ({e['reason']})" for e in summary["dropped_examples"])
+            raise AllVideosFailedError(
+                f"every one of the {summary['rows']} videos listed in {self.manifest} failed to decode "
+                f"(reasons: {summary['dropped_reasons']}); first: {examples}. Check the paths in the "
+                "manifest (relative paths are resolved against the manifest's folder)."
+            )
+        out = {k: v[keep] for k, v in batch.items()}
+        out["video"] = (
+            np.stack(clips) if clips else np.zeros((0, s.clip_frames, s.height, s.width, 3), dtype=np.uint8)
+        )
+        out["source_frames"] = np.asarray(source_frames, dtype=np.int64)
+        return out
+
+    def _report(self, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
+        import ray
+
+        if not bad:
+            self.stats.report.remote(ok_ids, [])  # fire and forget
+            return False
+        return bool(ray.get(self.stats.report.remote(ok_ids, bad)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline object
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoPipeline:
+    """Builds Ray datasets of decoded clips for the splits of one manifest, and keeps their drop counts."""
+
+    spec: VideoDataSpec
+    manifest_uri: str = ""
+    table: Any = None
+    label_names: Optional[List[str]] = None
+    _stats: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: VideoDataSpec) -> "VideoPipeline":
+        if spec.manifest is None:
+            raise ConfigError("video.manifest: not set")
+        uri = fsutil.absolute(spec.manifest)
+        table = read_manifest(uri, spec)
+        return cls(spec=spec, manifest_uri=uri, table=table, label_names=label_names_for(uri, table))
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.label_names is not None:
+            return len(self.label_names)
+        if "label" in self.table.column_names and self.table.num_rows:
+            return int(max(self.table.column("label").to_pylist())) + 1
+        return None
+
+    def rows(self, split: Optional[str] = None) -> "pyarrow.Table":  # noqa: F821
+        import pyarrow.compute as pc
+
+        if split is None:
+            return self.table
+        if "split" not in self.table.column_names:
+            raise ConfigError(f"video.manifest: {self.manifest_uri} has no split column; cannot select split {split!r}")
+        return self.table.filter(pc.equal(self.table.column("split"), split))
+
+    def dataset(self, split: Optional[str] = None, *, columns: Optional[Sequence[str]] = None) -> "ray.data.Dataset":  # noqa: F821
+        """A lazy dataset of decoded clips: columns video (uint8 T,H,W,3), label, caption, path, row_id,
+        source_frames (or just ``columns``)."""
+        import ray
+
+        rows = self.rows(split)
+        if rows.num_rows == 0:
+            raise ConfigError(f"video.manifest: {self.manifest_uri} has no rows for split {split!r}")
+        sampling = self.spec.sampling
+        if sampling == "auto":
+            sampling = "random" if split == "train" else "uniform"
+        key = split or "all"
+        stats = ray.remote(num_cpus=0)(DecodeStats).remote(int(self.table.num_rows), int(rows.num_rows), self.manifest_uri)
+        self._stats[key] = (stats, rows.num_rows)
+        # Several blocks so decoders work in parallel; each block is decode_batch_size rows or more.
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n_decoders = self.spec.num_decoders or max(1, int(cpus / self.spec.decoder_num_cpus))
+        rows_per_block = max(self.spec.decode_batch_size, -(-rows.num_rows // (4 * n_decoders)))
+        blocks = [rows.slice(i, rows_per_block) for i in range(0, rows.num_rows, rows_per_block)]
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            ClipDecoder,
+            fn_constructor_kwargs={"spec": self.spec.to_dict(), "sampling": sampling, "stats": stats,
+                                   "manifest": self.manifest_uri},
+            batch_size=self.spec.decode_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders),
+            num_cpus=self.spec.decoder_num_cpus,
+        )
+        if columns is not None:
+            ds = ds.select_columns(list(columns))
+        return ds
+
+    def stats(self, split: Optional[str] = None) -> Dict[str, Any]:
+        """Decode counts for a dataset built by :meth:`dataset` (after it has been consumed)."""
+        import ray
+
+        key = split or "all"
+        if key not in self._stats:
+            raise KeyError(f"no dataset was built for split {key!r}")
+        actor, n_rows = self._stats[key]
+        s = ray.get(actor.summary.remote())
+        s["rows"] = n_rows
+        s["unseen"] = n_rows - s["decoded"] - s["dropped"]
+        return s
+
+    def warn_dropped(self, split: Optional[str] = None) -> Dict[str, Any]:
+        """Log one warning with the drop count and the first few paths; returns the stats."""
+        s = self.stats(split)
+        if s["dropped"]:
+            examples = ", ".join(f"{e['path']} ({e['reason']})" for e in s["dropped_examples"])
+            log.warning("video pipeline (%s): dropped %d of %d files: %s", split or "all", s["dropped"], s["rows"], examples)
+        return s
