@@ -40,6 +40,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/models.py
 
 clean:
 	rm -rf $(VENV) data/quickstart .pytest_cache build *.egg-info

@@ -21,6 +21,8 @@ pipeline_app = typer.Typer(no_args_is_help=True, help="The end-to-end pipeline."
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
+app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -159,6 +161,33 @@ def pipeline_run(
     if "data" in summary["stages"]:
         print_data_summary(summary["stages"]["data"])
     _write_results(results or Path(spec.output_dir) / "results.json", summary)
+
+
+@models_app.command("list")
+def models_list(
+    details: bool = typer.Option(False, help="build each preset and show parameters and forward GFLOPs/sample"),
+    match: Optional[str] = typer.Option(None, help="only names containing this"),
+) -> None:
+    """The registered model presets (names usable in YAML)."""
+    from heygen_ray.models import create_model, list_models
+
+    names = [n for n in list_models() if not match or match in n]
+    t = Table(title="models")
+    t.add_column("name", no_wrap=True)
+    if details:
+        for col in ("class", "inputs", "params (M)", "GFLOPs/sample"):
+            t.add_column(col, no_wrap=col != "inputs")
+    for name in names:
+        if details:
+            import torch
+
+            with torch.device("meta"):
+                m = create_model(name)
+            params = sum(p.numel() for p in m.parameters()) / 1e6
+            t.add_row(name, type(m).__name__, ", ".join(m.input_names), f"{params:.2f}", f"{m.flops_per_sample() / 1e9:.3f}")
+        else:
+            t.add_row(name)
+    console.print(t)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -144,9 +144,11 @@ class ClipDecoder:
     One instance per actor: the filesystem handles are made once, not once per batch.
     """
 
-    def __init__(self, spec: Dict[str, Any], sampling: str, stats: Any, manifest: str) -> None:
+    def __init__(self, spec: Dict[str, Any], sampling: str, stats: Any, manifest: str,
+                 columns: Optional[Sequence[str]] = None) -> None:
         self.spec = VideoDataSpec.from_dict(spec)  # re-validated on arrival
         self.sampling = sampling
+        self.columns = list(columns) if columns is not None else None
         self.stats = stats
         self.manifest = manifest
         self.rng = np.random.default_rng([self.spec.seed, os.getpid()])
@@ -192,6 +194,8 @@ class ClipDecoder:
             np.stack(clips) if clips else np.zeros((0, s.clip_frames, s.height, s.width, 3), dtype=np.uint8)
         )
         out["source_frames"] = np.asarray(source_frames, dtype=np.int64)
+        if self.columns is not None:
+            out = {k: out[k] for k in self.columns}
         return out
 
     def _report(self, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
@@ -249,6 +253,11 @@ class VideoPipeline:
         import ray
 
         rows = self.rows(split)
+        if columns is not None:
+            known = set(rows.column_names) | {"video", "source_frames"}
+            unknown = [c for c in columns if c not in known]
+            if unknown:
+                raise ConfigError(f"unknown video dataset columns {unknown}; available: {sorted(known)}")
         if rows.num_rows == 0:
             raise ConfigError(f"video.manifest: {self.manifest_uri} has no rows for split {split!r}")
         sampling = self.spec.sampling
@@ -257,23 +266,25 @@ class VideoPipeline:
         key = split or "all"
         stats = ray.remote(num_cpus=0)(DecodeStats).remote(int(self.table.num_rows), int(rows.num_rows), self.manifest_uri)
         self._stats[key] = (stats, rows.num_rows)
-        # Several blocks so decoders work in parallel; each block is decode_batch_size rows or more.
+        # One block per decode batch: small blocks keep every decoder busy and memory flat.
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_decoders = self.spec.num_decoders or max(1, int(cpus / self.spec.decoder_num_cpus))
-        rows_per_block = max(self.spec.decode_batch_size, -(-rows.num_rows // (4 * n_decoders)))
+        rows_per_block = self.spec.decode_batch_size
         blocks = [rows.slice(i, rows_per_block) for i in range(0, rows.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             ClipDecoder,
             fn_constructor_kwargs={"spec": self.spec.to_dict(), "sampling": sampling, "stats": stats,
-                                   "manifest": self.manifest_uri},
+                                   "manifest": self.manifest_uri, "columns": columns},
             batch_size=self.spec.decode_batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders),
+            # Start every decoder up front (the autoscaler was slow to add the second one on small
+            # data sets); min_size=1 keeps the pipeline going when Train holds some of the CPUs.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders, initial_size=n_decoders),
             num_cpus=self.spec.decoder_num_cpus,
         )
-        if columns is not None:
-            ds = ds.select_columns(list(columns))
+        # Columns are selected inside the decoder: a separate select_columns step would be a task
+        # waiting for a CPU that the decoder actors hold, and would hold back every output until the end.
         return ds
 
     def stats(self, split: Optional[str] = None) -> Dict[str, Any]:

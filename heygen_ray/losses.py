@@ -1,0 +1,320 @@
+"""Losses and image-quality metrics: pure PyTorch (no ray, no mlflow, no downloaded weights).
+
+Videos are float (B, C, T, H, W) in [-1, 1], so the default `data_range` of SSIM and PSNR is 2.0
+(max - min of the value range); pass 1.0 for [0, 1] data or 255.0 for bytes.
+
+- `ssim`, `psnr`: metrics (also used inside the losses); `ssim` is per frame with a Gaussian
+  window (11, sigma 1.5; Wang et al. 2004), averaged over frames, channels and pixels.
+- `DistillationLoss`: Hinton et al. 2015 temperature-scaled KL (x T^2) mixed with the hard-label
+  cross-entropy by alpha, plus an optional hidden-state (FitNets-style) MSE term.
+- `VideoGenerationLoss`: pixel L1/MSE + weight-free perceptual term ((1 - SSIM) + image-gradient
+  L1) + temporal consistency (L1 between frame differences) + optional 3D-FFT L1 + optional
+  adversarial hinge term with `PatchDiscriminator3D`.
+
+Every loss module returns `(total, components)`: components are detached scalars for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+Components = Dict[str, torch.Tensor]
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def _frames(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(B, C, T, H, W) -> (B*T, C, H, W) and T; (B, C, H, W) passes through with T = 1."""
+    if x.ndim == 4:
+        return x, 1
+    if x.ndim != 5:
+        raise ValueError(f"expected (B, C, T, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w), t
+
+
+def gaussian_window(size: int, sigma: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian (size,)."""
+    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 2.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Structural similarity of videos (B, C, T, H, W) or images (B, C, H, W), frame by frame.
+
+    Local statistics use a separable Gaussian window over valid positions (no padding), as in the
+    reference implementation; the window shrinks (to an odd size) for frames smaller than it.
+    Computed in float32. reduction "mean" -> scalar, "none" -> per sample (B,).
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    batch = x.shape[0]
+    xf, t = _frames(x.float())
+    yf, _ = _frames(y.float())
+    c, h, w = xf.shape[1:]
+    size = min(window_size, h, w)
+    size -= 1 - size % 2  # odd
+    g = gaussian_window(size, sigma, x.device)
+    kh, kw = g.view(1, 1, size, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, size).repeat(c, 1, 1, 1)  # depthwise
+
+    def blur(z: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H-size+1, W-size+1)
+        return F.conv2d(F.conv2d(z, kh, groups=c), kw, groups=c)
+
+    mu_x, mu_y = blur(xf), blur(yf)
+    var_x = blur(xf * xf) - mu_x * mu_x
+    var_y = blur(yf * yf) - mu_y * mu_y
+    cov = blur(xf * yf) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+    per_sample = s.mean(dim=(1, 2, 3)).view(batch, t).mean(dim=1)  # (B,)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, per sample (over C, T, H, W) then averaged over the batch.
+
+    10 log10(data_range^2 / MSE); the MSE is clamped at 1e-10, so identical inputs give a finite
+    ceiling (106 dB for data_range 2) instead of inf. reduction "none" -> (B,).
+    """
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)  # (B,)
+    per_sample = 10.0 * torch.log10(data_range**2 / mse)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+# -- video loss terms ----------------------------------------------------------------------------
+def image_gradient_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical finite differences of each frame (edge sharpness)."""
+    def grads(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return z[..., :, 1:] - z[..., :, :-1], z[..., 1:, :] - z[..., :-1, :]
+
+    (px, py), (tx, ty) = grads(prediction), grads(target)
+    return (px - tx).abs().mean() + (py - ty).abs().mean()
+
+
+def temporal_consistency_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between consecutive-frame differences of prediction and target (B, C, T, H, W):
+    penalises wrong motion and flicker. Zero for a single frame."""
+    if prediction.shape[2] < 2:
+        return prediction.new_zeros(())
+    return (torch.diff(prediction, dim=2) - torch.diff(target, dim=2)).abs().mean()
+
+
+def frequency_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between 3D (T, H, W) orthonormal FFTs: counters spectral blur; temporal frequencies
+    penalise flicker."""
+    dims = (-3, -2, -1)
+    fp = torch.fft.rfftn(prediction.float(), dim=dims, norm="ortho")
+    ft = torch.fft.rfftn(target.float(), dim=dims, norm="ortho")
+    return (fp - ft).abs().mean()
+
+
+def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """0.5 * (mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))) (taming-transformers)."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean(D(fake)): the generator's side of the hinge GAN."""
+    return -fake_logits.mean()
+
+
+class PatchDiscriminator3D(nn.Module):
+    """3D PatchGAN: spectral-norm Conv3d stack with LeakyReLU(0.2) -> a map of real/fake logits.
+
+    Kernels 4 x 4 x 4 with stride 2 for the first `temporal_downsample_layers` layers, then
+    3 x 4 x 4 with stride (1, 2, 2) (so short clips keep a temporal extent), channels doubling up
+    to 8 x base; a final 3 x 3 x 3 conv gives one logit per patch. (B, C, T, H, W) -> (B, 1, t, h, w).
+    """
+
+    def __init__(
+        self, in_channels: int = 3, base_channels: int = 32, num_layers: int = 3, temporal_downsample_layers: int = 1
+    ) -> None:
+        super().__init__()
+        layers, c_in = [], in_channels
+        for i in range(num_layers):
+            c_out = base_channels * min(2**i, 8)
+            temporal = i < temporal_downsample_layers
+            conv = nn.Conv3d(c_in, c_out, (4 if temporal else 3, 4, 4), stride=(2 if temporal else 1, 2, 2), padding=1)
+            layers += [spectral_norm(conv), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        layers.append(spectral_norm(nn.Conv3d(c_in, 1, 3, padding=1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.net(video)
+
+
+class VideoGenerationLoss(nn.Module):
+    """Weighted sum of pixel, perceptual, temporal-consistency, (frequency) and adversarial terms.
+
+    total = pixel_loss_weight * pixel + perceptual_loss_weight * ((1 - SSIM) + gradient L1)
+            + temporal_consistency_weight * temporal + frequency_loss_weight * fft L1
+            + adversarial_loss_weight * generator hinge (from step >= adversarial_start_step)
+
+    The discriminator is built only when adversarial_loss_weight > 0 (or passed in) and lives at
+    `self.discriminator`; train it with its own optimizer on `discriminator_loss(...)`, and zero its
+    gradients after the generator step (the generator's adversarial term reaches it too).
+    """
+
+    def __init__(
+        self,
+        pixel_loss_weight: float = 1.0,
+        perceptual_loss_weight: float = 0.2,
+        temporal_consistency_weight: float = 0.5,
+        adversarial_loss_weight: float = 0.0,
+        frequency_loss_weight: float = 0.0,
+        pixel_loss: str = "l1",
+        data_range: float = 2.0,
+        ssim_window_size: int = 11,
+        ssim_sigma: float = 1.5,
+        video_channels: int = 3,
+        adversarial_start_step: int = 0,
+        discriminator: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        if pixel_loss not in ("l1", "mse"):
+            raise ValueError(f"pixel_loss must be 'l1' or 'mse', got {pixel_loss!r}")
+        self.pixel_loss_weight, self.perceptual_loss_weight = pixel_loss_weight, perceptual_loss_weight
+        self.temporal_consistency_weight, self.adversarial_loss_weight = temporal_consistency_weight, adversarial_loss_weight
+        self.frequency_loss_weight, self.pixel_loss = frequency_loss_weight, pixel_loss
+        self.data_range, self.ssim_window_size, self.ssim_sigma = data_range, ssim_window_size, ssim_sigma
+        self.adversarial_start_step = adversarial_start_step
+        if discriminator is None and adversarial_loss_weight > 0:
+            discriminator = PatchDiscriminator3D(video_channels)
+        self.discriminator = discriminator
+
+    def forward(
+        self, prediction: torch.Tensor, target: torch.Tensor, step: Optional[int] = None
+    ) -> Tuple[torch.Tensor, Components]:
+        """prediction, target: (B, C, T, H, W). Returns (total, detached components)."""
+        pred, tgt = prediction.float(), target.float()
+        pixel = F.l1_loss(pred, tgt) if self.pixel_loss == "l1" else F.mse_loss(pred, tgt)
+        similarity = ssim(pred, tgt, self.data_range, self.ssim_window_size, self.ssim_sigma)
+        gradient = image_gradient_loss(pred, tgt)
+        perceptual = (1.0 - similarity) + gradient
+        temporal = temporal_consistency_loss(pred, tgt)
+        total = self.pixel_loss_weight * pixel + self.perceptual_loss_weight * perceptual
+        total = total + self.temporal_consistency_weight * temporal
+        parts = {"pixel": pixel, "ssim": similarity, "gradient": gradient, "perceptual": perceptual, "temporal": temporal}
+        if self.frequency_loss_weight > 0:
+            parts["frequency"] = frequency_loss(pred, tgt)
+            total = total + self.frequency_loss_weight * parts["frequency"]
+        if self.adversarial_loss_weight > 0 and (step is None or step >= self.adversarial_start_step):
+            parts["adversarial"] = generator_hinge_loss(self.discriminator(prediction))
+            total = total + self.adversarial_loss_weight * parts["adversarial"]
+        parts["total"] = total
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def discriminator_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Components]:
+        """Hinge loss of the discriminator on real `target` vs generated `prediction` (detached)."""
+        if self.discriminator is None:
+            raise RuntimeError("no discriminator: adversarial_loss_weight is 0")
+        real, fake = self.discriminator(target), self.discriminator(prediction.detach())
+        loss = discriminator_hinge_loss(real, fake)
+        return loss, {"discriminator": loss.detach(), "real_logits": real.mean().detach(), "fake_logits": fake.mean().detach()}
+
+
+# -- distillation --------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2, averaged over positions.
+
+    Logits (..., K); every leading position is one distribution ('batchmean' over positions).
+    `weights` (...) (e.g. 0 on ignored tokens) turns the mean into a weighted mean.
+    """
+    k = student_logits.shape[-1]
+    log_q = F.log_softmax(student_logits.float().reshape(-1, k) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float().reshape(-1, k) / temperature, dim=-1)
+    per_position = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)  # (N,)
+    if weights is None:
+        kl = per_position.mean()
+    else:
+        w = weights.reshape(-1).to(per_position.dtype)
+        kl = (per_position * w).sum() / w.sum().clamp_min(1.0)
+    return kl * temperature**2
+
+
+class DistillationLoss(nn.Module):
+    """alpha * KD(T) + (1 - alpha) * CE(labels) [+ hidden_loss_weight * MSE(proj(h_s), h_t)].
+
+    Works for classifier logits (B, K) and language-model logits (B, L, V) with labels (B, L)
+    (positions equal to ignore_index are left out of both terms). With
+    student_hidden_dimensions != teacher_hidden_dimensions a learned Linear maps student hidden
+    states to the teacher's width; optimise it with the student (it is a parameter of this module).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        hidden_loss_weight: float = 0.0,
+        student_hidden_dimensions: Optional[int] = None,
+        teacher_hidden_dimensions: Optional[int] = None,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+            raise ValueError("need temperature > 0 and 0 <= alpha <= 1")
+        self.temperature, self.alpha, self.hidden_loss_weight = temperature, alpha, hidden_loss_weight
+        self.ignore_index = ignore_index
+        self.projection: nn.Module = nn.Identity()
+        if student_hidden_dimensions and teacher_hidden_dimensions and student_hidden_dimensions != teacher_hidden_dimensions:
+            self.projection = nn.Linear(student_hidden_dimensions, teacher_hidden_dimensions)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        student_hidden: Optional[torch.Tensor] = None,
+        teacher_hidden: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Components]:
+        if labels is None and self.alpha < 1.0:
+            raise ValueError("labels are required unless alpha == 1 (pure distillation)")
+        weights = None if labels is None else (labels != self.ignore_index)
+        kd = kd_loss(student_logits, teacher_logits, self.temperature, weights)
+        parts = {"kd": kd}
+        total = self.alpha * kd
+        if labels is not None:
+            k = student_logits.shape[-1]
+            hard = F.cross_entropy(student_logits.float().reshape(-1, k), labels.reshape(-1), ignore_index=self.ignore_index)
+            parts["hard"] = hard
+            total = total + (1.0 - self.alpha) * hard
+        if self.hidden_loss_weight > 0:
+            if student_hidden is None or teacher_hidden is None:
+                raise ValueError("hidden_loss_weight > 0 needs student_hidden and teacher_hidden")
+            hidden = F.mse_loss(self.projection(student_hidden.float()), teacher_hidden.detach().float())
+            parts["hidden"] = hidden
+            total = total + self.hidden_loss_weight * hidden
+        parts["total"] = total
+        return total, {k: v.detach() for k, v in parts.items()}
+
+
+__all__ = [
+    "DistillationLoss",
+    "PatchDiscriminator3D",
+    "VideoGenerationLoss",
+    "discriminator_hinge_loss",
+    "frequency_loss",
+    "gaussian_window",
+    "generator_hinge_loss",
+    "image_gradient_loss",
+    "kd_loss",
+    "psnr",
+    "ssim",
+    "temporal_consistency_loss",
+]

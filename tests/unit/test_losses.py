@@ -1,0 +1,219 @@
+"""Losses and metrics against hand-computed references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from heygen_ray.losses import (
+    DistillationLoss, PatchDiscriminator3D, VideoGenerationLoss, discriminator_hinge_loss, frequency_loss,
+    generator_hinge_loss, image_gradient_loss, kd_loss, psnr, ssim, temporal_consistency_loss,
+)
+
+
+def hand_kl(teacher_logits, student_logits, temperature=1.0):
+    """KL(p || q) per row with p = softmax(teacher / T), q = softmax(student / T), batch mean."""
+    total = 0.0
+    for t_row, s_row in zip(teacher_logits.tolist(), student_logits.tolist()):
+        zt = [math.exp(v / temperature) for v in t_row]
+        zs = [math.exp(v / temperature) for v in s_row]
+        p = [v / sum(zt) for v in zt]
+        q = [v / sum(zs) for v in zs]
+        total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return total / len(teacher_logits)
+
+
+def hand_ce(logits, labels):
+    total = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        total += -(row[y] - math.log(sum(math.exp(v) for v in row)))
+    return total / len(labels)
+
+
+STUDENT = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+TEACHER = torch.tensor([[2.0, 0.5, 0.0], [1.0, 1.0, 1.5]])
+LABELS = torch.tensor([1, 2])
+
+
+def test_kd_at_temperature_one_is_the_kl_divergence():
+    loss, parts = DistillationLoss(temperature=1.0, alpha=1.0)(STUDENT, TEACHER)
+    assert loss.item() == pytest.approx(hand_kl(TEACHER, STUDENT), rel=1e-6)
+    assert set(parts) == {"kd", "total"}
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+def test_kd_is_scaled_by_temperature_squared(temperature):
+    loss, _ = DistillationLoss(temperature=temperature, alpha=1.0)(STUDENT, TEACHER)
+    assert loss.item() == pytest.approx(temperature**2 * hand_kl(TEACHER, STUDENT, temperature), rel=1e-6)
+
+
+def test_alpha_mixes_soft_and_hard_losses():
+    loss, parts = DistillationLoss(temperature=3.0, alpha=0.3)(STUDENT, TEACHER, LABELS)
+    expected = 0.3 * 9.0 * hand_kl(TEACHER, STUDENT, 3.0) + 0.7 * hand_ce(STUDENT, LABELS)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert parts["hard"].item() == pytest.approx(hand_ce(STUDENT, LABELS), rel=1e-6)
+    assert not parts["total"].requires_grad
+
+
+def test_distillation_on_sequences_skips_ignored_positions():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    labels = torch.tensor([[1, 2, -100, -100], [0, 4, 3, -100]])
+    loss, parts = DistillationLoss(temperature=1.0, alpha=0.5)(s, t, labels)
+    keep = labels.reshape(-1) != -100
+    kd = hand_kl(t.reshape(-1, 5)[keep], s.reshape(-1, 5)[keep])
+    ce = hand_ce(s.reshape(-1, 5)[keep], labels.reshape(-1)[keep])
+    assert parts["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * kd + 0.5 * ce, rel=1e-5)
+
+
+def test_teacher_gets_no_gradient_and_student_does():
+    s, t = STUDENT.clone().requires_grad_(), TEACHER.clone().requires_grad_()
+    kd_loss(s, t, 2.0).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+
+
+def test_hidden_state_term_with_learned_projection():
+    torch.manual_seed(0)
+    crit = DistillationLoss(temperature=1.0, alpha=1.0, hidden_loss_weight=0.5,
+                            student_hidden_dimensions=4, teacher_hidden_dimensions=6)
+    hs, ht = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 6)
+    loss, parts = crit(STUDENT, TEACHER, student_hidden=hs, teacher_hidden=ht)
+    hidden = F.mse_loss(hs @ crit.projection.weight.T + crit.projection.bias, ht)
+    assert parts["hidden"].item() == pytest.approx(hidden.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(hand_kl(TEACHER, STUDENT) + 0.5 * hidden.item(), rel=1e-5)
+    loss.backward()
+    assert crit.projection.weight.grad.abs().sum() > 0 and hs.grad.abs().sum() > 0
+    assert isinstance(DistillationLoss(student_hidden_dimensions=4, teacher_hidden_dimensions=4).projection,
+                      torch.nn.Identity)
+
+
+def test_distillation_argument_errors():
+    with pytest.raises(ValueError, match="labels"):
+        DistillationLoss(alpha=0.5)(STUDENT, TEACHER)
+    with pytest.raises(ValueError, match="hidden"):
+        DistillationLoss(alpha=1.0, hidden_loss_weight=1.0)(STUDENT, TEACHER)
+    with pytest.raises(ValueError):
+        DistillationLoss(temperature=0.0)
+
+
+# -- SSIM / PSNR ---------------------------------------------------------------------------------
+def test_ssim_of_identical_videos_is_one():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 24, 24) * 2 - 1
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    assert ssim(x, x, reduction="none").shape == (2,)
+    noisy = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    assert ssim(x, noisy).item() < 0.9
+
+
+@pytest.mark.parametrize("a,b", [(0.2, -0.4), (0.5, 0.5), (-1.0, 1.0)])
+def test_ssim_of_constant_images_follows_the_formula(a, b):
+    x, y = torch.full((1, 1, 2, 16, 16), a), torch.full((1, 1, 2, 16, 16), b)
+    c1 = (0.01 * 2.0) ** 2  # data_range 2
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)  # variances 0: the contrast-structure term is 1
+    assert ssim(x, y, data_range=2.0).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_ssim_accepts_images_and_small_frames():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)  # smaller than the 11-pixel window: the window shrinks
+    assert ssim(x, x, data_range=1.0).item() == pytest.approx(1.0, abs=1e-6)
+    assert ssim(x, torch.rand(2, 3, 8, 8), data_range=1.0).item() < 0.5
+
+
+def test_psnr_by_hand():
+    x, y = torch.zeros(2, 3, 2, 4, 4), torch.full((2, 3, 2, 4, 4), 0.5)
+    assert psnr(x, y, data_range=2.0).item() == pytest.approx(10 * math.log10(4 / 0.25), rel=1e-6)
+    y[1] = 0.1  # per-sample PSNRs, then the mean
+    expected = (10 * math.log10(4 / 0.25) + 10 * math.log10(4 / 0.01)) / 2
+    assert psnr(x, y).item() == pytest.approx(expected, rel=1e-5)
+    assert psnr(x, x).item() == pytest.approx(10 * math.log10(4 / 1e-10), rel=1e-5)
+
+
+# -- video loss terms ----------------------------------------------------------------------------
+def test_temporal_consistency_by_hand():
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 5, 4, 4)
+    assert temporal_consistency_loss(target + 0.7, target).item() < 1e-6  # same motion, shifted colours
+    assert temporal_consistency_loss(target.flip(2), target).item() > 0.5
+    pred = torch.zeros(1, 1, 3, 1, 2)
+    tgt = torch.tensor([0.0, 0.0, 1.0, 3.0, 1.0, 1.0]).view(1, 1, 3, 1, 2)  # frames: [0,0], [1,3], [1,1]
+    # diffs of tgt: [1,3], [0,-2]; of pred: 0 -> mean |.| = (1 + 3 + 0 + 2) / 4
+    assert temporal_consistency_loss(pred, tgt).item() == pytest.approx(1.5)
+    assert temporal_consistency_loss(pred[:, :, :1], tgt[:, :, :1]).item() == 0.0
+
+
+def test_image_gradient_loss_by_hand():
+    pred = torch.zeros(1, 1, 1, 2, 2)
+    tgt = torch.tensor([[0.0, 1.0], [2.0, 4.0]]).view(1, 1, 1, 2, 2)
+    # horizontal diffs of tgt: 1, 2 -> mean 1.5; vertical: 2, 3 -> mean 2.5
+    assert image_gradient_loss(pred, tgt).item() == pytest.approx(4.0)
+
+
+def test_frequency_loss_is_zero_only_for_equal_videos():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4, 8, 8)
+    assert frequency_loss(x, x).item() == 0.0
+    assert frequency_loss(x, x.flip(2)).item() > 0.1
+
+
+def test_hinge_losses_by_hand():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, 0.5, 2] -> 5/6; relu(1 + fake) = [0, 1, 2] -> 1
+    assert discriminator_hinge_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 1.0))
+    assert generator_hinge_loss(fake).item() == pytest.approx(1.0 / 3)
+
+
+def test_video_generation_loss_is_the_weighted_sum_of_its_parts():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    pred = (target + 0.2 * torch.randn_like(target)).clamp(-1, 1).requires_grad_()
+    crit = VideoGenerationLoss(pixel_loss_weight=1.0, perceptual_loss_weight=0.3, temporal_consistency_weight=0.5,
+                               frequency_loss_weight=0.1)
+    assert crit.discriminator is None
+    total, parts = crit(pred, target)
+    p = pred.detach()
+    assert parts["pixel"].item() == pytest.approx((p - target).abs().mean().item(), rel=1e-6)
+    assert parts["ssim"].item() == pytest.approx(ssim(p, target).item(), rel=1e-6)
+    assert parts["perceptual"].item() == pytest.approx(1 - parts["ssim"].item() + parts["gradient"].item(), rel=1e-6)
+    expected = parts["pixel"] + 0.3 * parts["perceptual"] + 0.5 * parts["temporal"] + 0.1 * parts["frequency"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert "adversarial" not in parts and all(not v.requires_grad for v in parts.values())
+    total.backward()
+    assert pred.grad.abs().sum() > 0
+    mse_total, mse_parts = VideoGenerationLoss(pixel_loss="mse", perceptual_loss_weight=0.0,
+                                               temporal_consistency_weight=0.0)(p, target)
+    assert mse_total.item() == pytest.approx(((p - target) ** 2).mean().item(), rel=1e-6)
+
+
+def test_adversarial_term_and_discriminator_step():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 8, 32, 32) * 2 - 1
+    pred = torch.rand(2, 3, 8, 32, 32).mul(2).sub(1).requires_grad_()
+    crit = VideoGenerationLoss(adversarial_loss_weight=0.1, adversarial_start_step=10)
+    disc = crit.discriminator
+    assert isinstance(disc, PatchDiscriminator3D)
+    assert parametrize.is_parametrized(disc.net[0], "weight")  # spectral norm
+    logits = disc(target)
+    assert logits.shape == (2, 1, 4, 4, 4)
+
+    _, early = crit(pred, target, step=5)
+    assert "adversarial" not in early  # before adversarial_start_step
+    total, parts = crit(pred, target, step=10)
+    assert "adversarial" in parts
+    base = parts["pixel"] + 0.2 * parts["perceptual"] + 0.5 * parts["temporal"]
+    assert total.item() == pytest.approx((base + 0.1 * parts["adversarial"]).item(), rel=1e-5)
+    total.backward()
+    assert pred.grad.abs().sum() > 0
+
+    d_loss, d_parts = crit.discriminator_loss(pred, target)
+    d_loss.backward()
+    assert disc.net[0].parametrizations.weight.original.grad.abs().sum() > 0
+    assert d_parts["discriminator"].item() == pytest.approx(d_loss.item())
+    with pytest.raises(RuntimeError):
+        VideoGenerationLoss().discriminator_loss(pred, target)
