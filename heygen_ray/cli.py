@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from heygen_ray.config import SMOKE_OVERRIDES, ConfigError, DataSpec, PipelineSpec, Spec, SPEC_KINDS, load_spec, spec_kind_for
+from heygen_ray.config import (
+    SMOKE_OVERRIDES, ConfigError, DataSpec, PipelineSpec, Spec, SPEC_KINDS, TrainSpec, load_spec, spec_kind_for,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep, compress and serve video/text models on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate configs.")
@@ -161,6 +163,36 @@ def pipeline_run(
     if "data" in summary["stages"]:
         print_data_summary(summary["stages"]["data"])
     _write_results(results or Path(spec.output_dir) / "results.json", summary)
+
+
+@app.command("train")
+def train(
+    config: Path = typer.Option(Path("configs/train/video_classification.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="tiny sizes (a minute or two on 2 CPUs)"),
+) -> None:
+    """Train a model on Ray Train (DDP); resumes when a run with the same name exists. Writes results.json."""
+    from heygen_ray.runtime import init_ray
+    from heygen_ray.train.driver import run_training
+
+    spec: TrainSpec = _load(TrainSpec, config, overrides, "train" if smoke_test else None)
+    init_ray()
+    try:
+        results = run_training(spec)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    m = results.get("metrics", {})
+    t = Table(title=f"train {results['name']} ({results['task']}, {results['model']})")
+    for col in ("step", "metric", "value"):
+        t.add_column(col)
+    for k in sorted(k for k in m if k.startswith("val_")):
+        t.add_row(str(m.get("step")), k, f"{m[k]:.4f}")
+    console.print(t)
+    if results.get("model_uri"):
+        console.print(f"model: {results['model_uri']} (registered {results.get('registered_model_name')} v{results.get('model_version')})")
+    console.print(f"checkpoint: {results['checkpoint_uri']}")
+    console.print(f"results: {results['results_path']}")
 
 
 @models_app.command("list")

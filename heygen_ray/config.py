@@ -390,6 +390,121 @@ class DataSpec(Spec):
 
 
 # --------------------------------------------------------------------------------------------------
+# Tracking (MLflow)
+# --------------------------------------------------------------------------------------------------
+
+
+class TrackingSpec(Spec):
+    """Where runs go. ``tracking_uri=None``: ``MLFLOW_TRACKING_URI`` if set, else a sqlite database and
+    an artifact folder under the job's run directory (absolute paths: Train workers change directory)."""
+
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    experiment: str = "heygen_ray"
+    registered_model_name: Optional[str] = Field(default=None, description="register the final model under this name")
+    parent_run_id: Optional[str] = None
+    tags: Dict[str, str] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelSpec(Spec):
+    """A registry preset plus constructor overrides (``heygen-ray models list`` shows the names)."""
+
+    name: str = "conv_video_encoder_micro"
+    overrides: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from heygen_ray.models import list_models  # the zoo is pure PyTorch: cheap to import
+
+        if v not in list_models():
+            close = difflib.get_close_matches(v, list_models(), n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(f"unknown model {v!r}{hint}; see `heygen-ray models list`")
+        return v
+
+
+class OptimSpec(Spec):
+    """AdamW with decay / no-decay parameter groups (no decay on biases, norms, embeddings, tokens)."""
+
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
+    eps: float = Field(default=1e-8, gt=0.0)
+    grad_clip_norm: Optional[float] = Field(default=1.0, gt=0.0)
+
+
+class ScheduleSpec(Spec):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    warmup_start_factor: float = Field(default=1e-3, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class EMASpec(Spec):
+    enabled: bool = True
+    decay: float = Field(default=0.999, gt=0.0, lt=1.0)
+    warmup: bool = True
+
+
+class ScalingSpec(Spec):
+    num_workers: int = Field(default=2, ge=0, description="0 = run the loop in the driver (debugging)")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    use_gpu: bool = False
+
+
+class FaultSpec(Spec):
+    """Kill a worker on purpose to see recovery: rank ``rank`` exits at optimizer step ``step`` of the
+    first attempt (``HEYGEN_FAULT=rank:step`` in the environment does the same)."""
+
+    rank: int = Field(default=0, ge=0)
+    step: int = Field(ge=1)
+
+
+class TrainSpec(Spec):
+    """One training job: a task, a model, the data, the optimisation and where it all goes."""
+
+    name: str = Field(default="train", pattern=r"^[A-Za-z0-9_.-]+$", description="run name; re-running a name resumes it")
+    task: Literal["video_classification", "language_modeling"] = "video_classification"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    steps: int = Field(default=200, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=16, ge=1, description="micro-batch per worker")
+    grad_accum_steps: int = Field(default=1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    ema: EMASpec = Field(default_factory=EMASpec)
+    log_every_n_steps: int = Field(default=10, ge=1)
+    eval_every_n_steps: int = Field(default=100, ge=1)
+    checkpoint_every_n_steps: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=0)
+    fault: Optional[FaultSpec] = None
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    run_dir: str = Field(default="runs", description="checkpoints, results.json and the default MLflow store")
+    peak_flops: Optional[float] = Field(default=None, gt=0.0, description="FLOP/s for MFU; default: measured matmul peak")
+    seed: int = 0
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSpec":
+        if self.schedule.warmup_steps >= self.steps:
+            raise ValueError(f"schedule.warmup_steps={self.schedule.warmup_steps} must be < steps={self.steps}")
+        if self.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("precision='fp16' needs scaling.use_gpu=true (CPU autocast is bf16); use 'bf16' or 'fp32'")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 # The pipeline (grows with each stage)
 # --------------------------------------------------------------------------------------------------
 
@@ -406,6 +521,7 @@ class PipelineSpec(Spec):
 
 SPEC_KINDS: Dict[str, Type[Spec]] = {
     "data": DataSpec,
+    "train": TrainSpec,
     "synth": SynthSpec,
     "pipeline": PipelineSpec,
 }
@@ -424,6 +540,8 @@ def spec_kind_for(path: Union[str, os.PathLike]) -> Type[Spec]:
 # Sizes for ``--smoke-test``: each job runs on 2 CPUs in a minute or two.
 SMOKE_OVERRIDES: Dict[str, List[str]] = {
     "data": ["synth.num_clips=32", "synth.output_dir=data/smoke", "synth.descriptions_per_clip=1"],
+    "train": ["steps=12", "checkpoint_every_n_steps=6", "eval_every_n_steps=6", "log_every_n_steps=3",
+              "batch_size=4", "data.synth.num_clips=32", "data.synth.output_dir=data/smoke", "schedule.warmup_steps=2"],
     "pipeline": ["data.synth.num_clips=32", "data.synth.output_dir=data/smoke", "output_dir=runs/smoke",
                  "data.synth.descriptions_per_clip=1"],
 }

@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, schedules, EMA and the one checkpoint format (Ray at the edges)."""

@@ -1,0 +1,189 @@
+"""The one checkpoint directory format, written and read by one pair of functions.
+
+    <dir>/
+      model.safetensors     weights of the (unwrapped) model
+      ema.safetensors       EMA weights (when EMA is on)
+      extra/<name>.safetensors  any other module (e.g. a discriminator)
+      state.pt              optimizer, scheduler, grad-scaler and torch RNG states: tensors and plain
+                            containers only, read back with torch.load(weights_only=True)
+      meta.json             schema version, step, epoch, data position, python/numpy RNG, the resolved
+                            spec, free-form extras
+
+Loading never unpickles arbitrary objects: safetensors and JSON, plus torch's restricted
+``weights_only`` loader for optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+SCHEMA_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (wrong schema, missing files, mismatched shapes)."""
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    epoch: int = 0
+    data_position: Dict[str, Any] = field(default_factory=dict)
+    spec: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+
+def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous views: store plain contiguous copies
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import ast
+
+    if "python" in state:
+        random.setstate(ast.literal_eval(state["python"]))  # literal tuples only, no code
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    directory: str,
+    *,
+    model: nn.Module,
+    step: int,
+    ema: Optional[nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    scaler: Optional[Any] = None,
+    modules: Optional[Mapping[str, nn.Module]] = None,
+    optimizers: Optional[Mapping[str, Any]] = None,
+    epoch: int = 0,
+    data_position: Optional[Dict[str, Any]] = None,
+    spec: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Write a checkpoint into ``directory`` (created). ``modules``/``optimizers`` hold extra named
+    parts (e.g. a GAN discriminator and its optimizer). Returns the directory."""
+    os.makedirs(directory, exist_ok=True)
+    save_file(_tensors(model), os.path.join(directory, "model.safetensors"))
+    if ema is not None:
+        save_file(_tensors(ema), os.path.join(directory, "ema.safetensors"))
+    for name, mod in (modules or {}).items():
+        os.makedirs(os.path.join(directory, "extra"), exist_ok=True)
+        save_file(_tensors(mod), os.path.join(directory, "extra", f"{name}.safetensors"))
+    state: Dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    for name, obj in (optimizers or {}).items():
+        state[f"extra_{name}"] = obj.state_dict()
+    torch.save(state, os.path.join(directory, "state.pt"))
+    meta = CheckpointMeta(step=step, epoch=epoch, data_position=data_position or {}, spec=spec or {}, extra=extra or {})
+    payload = dict(meta.__dict__, rng=_rng_state(), saved_at=time.time())
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    return directory
+
+
+def read_meta(directory: str) -> CheckpointMeta:
+    path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: not a heygen_ray checkpoint (no meta.json)")
+    with open(path) as f:
+        payload = json.load(f)
+    if payload.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint schema {payload.get('schema_version')} != {SCHEMA_VERSION}")
+    return CheckpointMeta(**{k: payload[k] for k in CheckpointMeta.__dataclass_fields__ if k in payload})
+
+
+def load_weights(module: nn.Module, path: str, strict: bool = True) -> None:
+    try:
+        missing, unexpected = module.load_state_dict(load_file(path), strict=strict)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit {type(module).__name__}: {err}") from None
+
+
+def load_checkpoint(
+    directory: str,
+    *,
+    model: nn.Module,
+    ema: Optional[nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    scaler: Optional[Any] = None,
+    modules: Optional[Mapping[str, nn.Module]] = None,
+    optimizers: Optional[Mapping[str, Any]] = None,
+    restore_rng: bool = True,
+) -> CheckpointMeta:
+    """Restore what :func:`save_checkpoint` wrote into the given objects; returns the metadata."""
+    meta = read_meta(directory)
+    load_weights(model, os.path.join(directory, "model.safetensors"))
+    if ema is not None:
+        path = os.path.join(directory, "ema.safetensors")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{directory}: has no EMA weights but EMA is on")
+        load_weights(ema, path)
+    for name, mod in (modules or {}).items():
+        load_weights(mod, os.path.join(directory, "extra", f"{name}.safetensors"))
+    state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    for name, obj in (optimizers or {}).items():
+        obj.load_state_dict(state[f"extra_{name}"])
+    if restore_rng:
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        with open(os.path.join(directory, "meta.json")) as f:
+            _set_rng_state(json.load(f).get("rng", {}))
+    return meta
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The highest-step complete checkpoint under ``root`` (``step_XXXXXXXX`` folders; a folder counts
+    once its meta.json, written last, exists)."""
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "meta.json"))]
+    return os.path.join(root, max(done)) if done else None
+
+
+def prune_checkpoints(root: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints under ``root``."""
+    import shutil
+
+    if not os.path.isdir(root):
+        return
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "meta.json")))
+    for d in done[: max(len(done) - keep, 0)]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The training driver: build the datasets, check the model against them, launch the TorchTrainer.
+
+Everything that can be wrong with a spec fails here, before any worker starts. Re-running a job with
+the same ``name`` and ``run_dir`` resumes it from its latest checkpoint (Ray Train V2 semantics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from heygen_ray import fsutil
+from heygen_ray.config import ConfigError, TrainSpec
+from heygen_ray.train.tasks import DataInfo, get_task
+
+log = logging.getLogger(__name__)
+
+
+def absolutize(spec: TrainSpec) -> TrainSpec:
+    """Local relative paths -> absolute (Train workers chdir into their own run folders)."""
+    d = spec.to_dict()
+    d["run_dir"] = fsutil.absolute(d["run_dir"])
+    data = d["data"]
+    if data.get("synth"):
+        data["synth"]["output_dir"] = fsutil.absolute(data["synth"]["output_dir"])
+    for section, key in (("video", "manifest"), ("text", "corpus"), ("text", "tokenizer_dir")):
+        if data[section].get(key):
+            data[section][key] = fsutil.absolute(data[section][key])
+    return TrainSpec.from_dict(d)
+
+
+def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 1024, iters: int = 8) -> float:
+    """FLOP/s of a square matmul on this CPU with ``threads`` threads (the MFU denominator per worker)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[dtype_name]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        dt = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old)
+    return 2.0 * n**3 * iters / dt
+
+
+def prepare_data(spec: TrainSpec) -> Tuple[Dict[str, Any], DataInfo]:
+    """Build the Ray datasets for the task (generating the embedded set if it is configured and absent)."""
+    task = get_task(spec.task)
+    data = spec.data
+    if data.synth is not None and not fsutil.exists(data.video.manifest or ""):
+        from heygen_ray.data.synthetic import generate_dataset
+
+        log.warning("generating the embedded data set in %s", data.synth.output_dir)
+        generate_dataset(data.synth)
+    if spec.task == "video_classification":
+        from heygen_ray.data.video import VideoPipeline
+
+        pipe = VideoPipeline.from_spec(data.video)
+        if "label" not in pipe.table.column_names:
+            raise ConfigError(f"data.video.manifest: {pipe.manifest_uri} has no label column (video.columns.label)")
+        info = DataInfo(num_classes=pipe.num_classes, label_names=pipe.label_names, clip_frames=data.video.clip_frames,
+                        height=data.video.height, width=data.video.width,
+                        train_rows=pipe.rows("train").num_rows, val_rows=pipe.rows("val").num_rows)
+        datasets = {"train": pipe.dataset("train", columns=list(task.columns))}
+        if info.val_rows:
+            datasets["val"] = pipe.dataset("val", columns=list(task.columns))
+        return datasets, info
+    from heygen_ray.data.text import TextPipeline
+
+    text = TextPipeline.from_spec(data.text)
+    packed = text.lm_dataset().materialize()  # text is small; a 10% hold-out of packed sequences for validation
+    train, val = packed.train_test_split(test_size=0.1, seed=spec.seed)
+    info = DataInfo(vocab_size=text.tokenizer.vocab_size, pad_id=text.tokenizer.pad_id, seq_len=data.text.seq_len,
+                    tokenizer_dir=text.tokenizer_dir, train_rows=train.count(), val_rows=val.count())
+    return {"train": train, "val": val}, info
+
+
+def check_model(spec: TrainSpec, info: DataInfo) -> None:
+    """Build the model on the meta device and run it on a batch of the data's shape: a mismatch fails
+    here, naming model.overrides, instead of inside a worker."""
+    import torch
+
+    from heygen_ray.models import UnknownArgumentError
+    from heygen_ray.train.loop import build_model
+
+    task = get_task(spec.task)
+    try:
+        with torch.device("meta"):
+            model = build_model(spec, task, info)
+            inputs, targets = task.inputs({k: v.to("meta") for k, v in task.example_batch(info, 2).items()})
+            out = model(**inputs)
+            task.loss(out, targets)
+    except UnknownArgumentError as err:
+        raise ConfigError(f"model.overrides: {err}") from None
+    except (RuntimeError, ValueError, AssertionError) as err:
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()} if "inputs" in locals() else "?"
+        raise ConfigError(
+            f"model {spec.model.name!r} does not fit the data {shapes}: {err}. Set model.overrides "
+            "(e.g. num_frames / image_size / max_sequence_length) to match data.video or data.text."
+        ) from None
+
+
+def run_training(spec: TrainSpec) -> Dict[str, Any]:
+    """Train on the current Ray cluster; returns (and writes) the job's results."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from heygen_ray.train import track
+    from heygen_ray.train.loop import train_loop_per_worker
+
+    spec = absolutize(spec)
+    datasets, info = prepare_data(spec)
+    check_model(spec, info)
+    run_dir = os.path.join(spec.run_dir, spec.name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "spec.yaml"), "w") as f:
+        f.write(spec.to_yaml())
+    workers = max(spec.scaling.num_workers, 1)
+    peak = spec.peak_flops or measure_matmul_peak(spec.precision, threads=max(1, int((os.cpu_count() or 1) / workers)))
+
+    mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict())
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "data_info": info.to_dict(), "run_dir": run_dir,
+                           "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id},
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=spec.name, storage_path=os.path.join(spec.run_dir, "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        track.end_run(spec.tracking.to_dict(), run_dir, mlflow_run_id, status="FAILED")
+        raise
+    track.end_run(spec.tracking.to_dict(), run_dir, mlflow_run_id, status="FINISHED")
+    value = result.return_value or {}
+    results = {
+        "name": spec.name,
+        "task": spec.task,
+        "model": spec.model.name,
+        "run_dir": run_dir,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "checkpoint_uri": result.checkpoint.path if result.checkpoint else None,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": track.resolved_uri(spec.tracking.to_dict(), run_dir),
+        **{k: v for k, v in value.items() if k not in ("final_metrics",)},
+    }
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    results["results_path"] = os.path.join(run_dir, "results.json")
+    return results

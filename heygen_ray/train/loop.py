@@ -1,0 +1,307 @@
+"""The per-worker training loop (runs inside Ray Train's TorchTrainer workers).
+
+DDP (gloo on CPU, nccl on GPU) through ``ray.train.torch.prepare_model``; data from
+``get_dataset_shard``; AMP (bf16 autocast, or fp16 + GradScaler on CUDA); gradient accumulation with
+``no_sync`` on micro-steps; clipping; AdamW with decay / no-decay groups; warmup + schedule stepped per
+optimizer step; EMA; checkpoints every N steps in the one checkpoint format; resume from the latest
+checkpoint after a worker failure or when a job with the same name is re-run; optional fault injection.
+Rank 0 logs to MLflow; other ranks get a null tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from heygen_ray.config import TrainSpec
+from heygen_ray.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta, save_checkpoint
+from heygen_ray.train.ema import make_ema
+from heygen_ray.train.schedule import build_scheduler
+from heygen_ray.train.tasks import DataInfo, Task, get_task
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "HEYGEN_FAULT"  # "rank:step": kill that rank at that optimizer step (first attempt only)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norm weights, embeddings, tokens and position tables
+    (every parameter with fewer than 2 dims, plus names that say so)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "relative_position_bias_table", "embedding", "rel_bias"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(spec: TrainSpec, task: Task, info: DataInfo) -> nn.Module:
+    from heygen_ray.models import create_model
+
+    overrides = {**task.model_overrides(info), **spec.model.overrides}
+    return create_model(spec.model.name, **overrides)
+
+
+def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
+    if spec.fault is not None:
+        return spec.fault.rank, spec.fault.step
+    env = os.environ.get(FAULT_ENV)
+    if env:
+        rank, step = env.split(":")
+        return int(rank), int(step)
+    return None
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _all_reduce(tensors: Dict[str, torch.Tensor], world: int) -> Dict[str, torch.Tensor]:
+    if world <= 1:
+        return tensors
+    import torch.distributed as dist
+
+    out = {}
+    for k, v in tensors.items():
+        t = v.clone().double()
+        dist.all_reduce(t)
+        out[k] = t
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, task: Task, info: DataInfo, device: torch.device, amp) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+    model.eval()
+    state = task.new_metrics(info)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs, targets = task.inputs(batch)
+        with amp():
+            out = model(**inputs)
+        task.update_metrics(state, out, targets)
+    model.train()
+    return task.compute_metrics(state), state
+
+
+def _batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+    """Endless micro-batches, epoch after epoch (each epoch re-executes the Ray dataset)."""
+    epoch = epoch_start
+    while True:
+        n = 0
+        for batch in shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes), drop_last=True,
+                                               local_shuffle_buffer_size=max(spec.batch_size * 4, 64),
+                                               local_shuffle_seed=spec.seed + epoch):
+            n += 1
+            yield epoch, batch
+        if n == 0:
+            raise RuntimeError(f"the training shard yielded no full batch of {spec.batch_size}: lower batch_size")
+        epoch += 1
+
+
+def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches: List[Dict[str, torch.Tensor]],
+                   opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float]) -> Tuple[float, float]:
+    """One optimizer step over ``len(micro_batches)`` accumulated micro-batches.
+
+    Each micro-loss is divided by the number of micro-batches, so the update equals the one of a
+    single batch k times larger; under DDP the gradient all-reduce runs only on the last micro-batch
+    (``no_sync`` on the others). Returns (mean micro-batch loss, gradient norm before clipping).
+    """
+    k = len(micro_batches)
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        inputs, targets = task.inputs(batch)
+        last = i == k - 1
+        sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync:
+            with amp():
+                out = model(**inputs)
+            loss = task.loss(out, targets) / k
+            scaler.scale(loss).backward()
+        total += float(loss.detach()) * k
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), clip_norm or float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return total / k, float(grad_norm)
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from heygen_ray.models import unwrap_model
+    from heygen_ray.train import track
+
+    spec = TrainSpec.from_dict(config["spec"])  # re-validated on arrival
+    info = DataInfo(**config["data_info"])
+    task = get_task(spec.task)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
+
+    model = build_model(spec, task, info).to(device)
+    if spec.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    ema = make_ema(model, spec.ema.decay, spec.ema.warmup) if spec.ema.enabled else None
+    opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
+                            betas=(spec.optim.beta1, spec.optim.beta2), eps=spec.optim.eps)
+    sched = build_scheduler(opt, kind=spec.schedule.kind, total_steps=spec.steps, warmup_steps=spec.schedule.warmup_steps,
+                            warmup_start_factor=spec.schedule.warmup_start_factor, min_lr_ratio=spec.schedule.min_lr_ratio)
+    use_fp16 = spec.precision == "fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+
+    def amp():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+    # Resume from the newest checkpoint Ray Train knows of, or the newest complete one in our own
+    # folder: Ray registers a reported checkpoint when its controller next polls the workers, so a
+    # worker that dies right after reporting can leave Ray one checkpoint behind.
+    step, epoch, resumed_from = 0, 0, None
+    own_root = os.path.join(config["run_dir"], "checkpoints")
+    candidates = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            candidates.append((read_meta(d).step, "ray", ckpt))
+    own = latest_checkpoint(own_root)
+    if own is not None:
+        candidates.append((read_meta(own).step, "own", own))
+    if candidates:
+        _, source, chosen = max(candidates, key=lambda c: (c[0], c[1] == "ray"))
+        if source == "ray":
+            with chosen.as_directory() as d:
+                meta = load_checkpoint(d, model=model, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler)
+        else:
+            meta = load_checkpoint(chosen, model=model, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler)
+        step, epoch, resumed_from = meta.step, int(meta.data_position.get("epoch", 0)), meta.step
+        log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
+
+    base = model
+    model = ray.train.torch.prepare_model(model)
+    if spec.compile:
+        model = torch.compile(model)
+    tracker = track.worker_tracker(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
+    shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    flops = unwrap_model(base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0])
+    unit_name, units = task.units_per_sample(info)
+    peak = spec.peak_flops or float(config.get("peak_flops") or 0.0)
+    fault = fault_plan(spec)
+    fault_marker = os.path.join(config["run_dir"], f".fault-{spec.name}")
+
+    history: Dict[str, List[Tuple[int, float]]] = {}
+    window = {"loss": 0.0, "micro": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+    last_eval: Dict[str, float] = {}
+    last_train: Dict[str, float] = {}
+    data = _batches(shard, spec, task, epoch)
+    batches_in_epoch = 0
+    model.train()
+
+    def report(final: bool = False) -> None:
+        nonlocal last_eval, last_train
+        metrics: Dict[str, Any] = {"step": step, "epoch": epoch}
+        if val_shard is not None and (final or step % spec.eval_every_n_steps == 0 or step % spec.checkpoint_every_n_steps == 0):
+            if rank == 0:  # exact metrics on the unsplit validation set, on the unwrapped model(s)
+                raw, state = evaluate(base, val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)), task, info, device, amp)
+                last_eval = {f"val_{k}": v for k, v in raw.items()}
+                if ema is not None:
+                    em, state = evaluate(ema.module, val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)), task, info, device, amp)
+                    last_eval.update({f"val_ema_{k}": v for k, v in em.items()})
+                tracker.log_metrics(last_eval, step)
+                for k, v in last_eval.items():
+                    history.setdefault(k, []).append((step, v))
+                if final and "confusion" in state:
+                    tracker.log_confusion_matrix(state["confusion"].tolist(), info.label_names, "confusion_matrix")
+        metrics.update(last_eval)
+        metrics.update(last_train)
+        checkpoint = None
+        if rank == 0:
+            # write into our own folder first (tmp name, then rename: a crash never leaves half a
+            # checkpoint that looks complete), then hand the same directory to Ray Train
+            path = os.path.join(own_root, f"step_{step:08d}")
+            tmp = path + ".tmp"
+            save_checkpoint(tmp, model=base, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler, step=step,
+                            epoch=epoch, data_position={"epoch": epoch, "batches_in_epoch": batches_in_epoch},
+                            spec=spec.to_dict(), extra={"data_info": info.to_dict()})
+            if os.path.exists(path):
+                import shutil
+
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            prune_checkpoints(own_root, spec.keep_checkpoints)
+            checkpoint = Checkpoint.from_directory(path)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    while step < spec.steps:
+        micro_batches = []
+        for _ in range(spec.grad_accum_steps):
+            t_wait = time.perf_counter()
+            e, batch = next(data)
+            window["wait"] += time.perf_counter() - t_wait
+            if e != epoch:
+                epoch, batches_in_epoch = e, 0
+            batches_in_epoch += 1
+            micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        loss_value, grad_norm = optimizer_step(model, base, task, micro_batches, opt, scaler, amp, spec.optim.grad_clip_norm)
+        window["loss"] += loss_value * len(micro_batches)
+        window["micro"] += len(micro_batches)
+        window["samples"] += sum(len(next(iter(b.values()))) for b in micro_batches)
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(base)
+        step += 1
+        window["grad_norm"] += grad_norm
+        window["steps"] += 1
+
+        if fault is not None and rank == fault[0] and step == fault[1] and not os.path.exists(fault_marker):
+            open(fault_marker, "w").write(f"killed rank {rank} at step {step}\n")
+            log.error("fault injection: killing rank %d at step %d", rank, step)
+            os._exit(1)
+
+        if step % spec.log_every_n_steps == 0 or step == spec.steps:
+            dt = time.perf_counter() - window["t0"]
+            sps = window["samples"] * world / max(dt, 1e-9)
+            m = {
+                "train_loss": window["loss"] / max(window["micro"], 1),
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": window["grad_norm"] / max(window["steps"], 1),
+                "samples_per_s": sps,
+                f"{unit_name}_per_s": sps * units,
+                "data_wait_share": window["wait"] / max(dt, 1e-9),
+                "memory_mb": _memory_mb(device),
+            }
+            if peak > 0:
+                m["mfu"] = 3.0 * flops * (sps / world) / peak  # fwd + bwd ~ 3x forward FLOPs, per worker
+            tracker.log_metrics(m, step)
+            last_train.clear()
+            last_train.update(m)
+            for k, v in m.items():
+                history.setdefault(k, []).append((step, v))
+            window = {"loss": 0.0, "micro": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+
+        if step % spec.checkpoint_every_n_steps == 0 and step < spec.steps:
+            report()
+    report(final=True)
+
+    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "final_metrics": dict(last_eval)}
+    if rank == 0:
+        final = ema.module if ema is not None else base
+        tracker.log_curve_plot(history, "curves")
+        logged = track.log_final_model(tracker, final, spec=spec, info=info, task=task)
+        if logged:
+            result.update(logged)
+    return result

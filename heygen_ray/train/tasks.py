@@ -1,0 +1,159 @@
+"""Tasks: a model family, a batch contract, a loss and metrics (pure PyTorch; no Ray, no MLflow).
+
+A task turns a batch from the data pipeline into model inputs and targets, computes the loss, and
+accumulates metrics as sums that can be all-reduced across workers before they are read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from heygen_ray.registry import TASKS
+
+
+@dataclass
+class DataInfo:
+    """What the model builder needs to know about the data (computed in the driver)."""
+
+    num_classes: Optional[int] = None
+    label_names: Optional[List[str]] = None
+    clip_frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    vocab_size: Optional[int] = None
+    pad_id: Optional[int] = None
+    seq_len: Optional[int] = None
+    tokenizer_dir: Optional[str] = None
+    train_rows: Optional[int] = None
+    val_rows: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Task:
+    name: str = ""
+    columns: Tuple[str, ...] = ()
+    dtypes: Dict[str, torch.dtype] = {}
+    primary_metric: str = ""
+    primary_mode: str = "max"
+
+    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
+        """Overrides the data dictates (classes, vocabulary); the YAML's overrides win over none of these."""
+        return {}
+
+    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def inputs(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_metrics(self, info: DataInfo) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def update_metrics(self, state: Dict[str, torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute_metrics(self, state: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def units_per_sample(self, info: DataInfo) -> Tuple[str, int]:
+        """(name, count) of the throughput unit: frames for video, tokens for text."""
+        return "samples", 1
+
+
+@TASKS.register("video_classification")
+class VideoClassification(Task):
+    name = "video_classification"
+    columns = ("video", "label")
+    dtypes = {"video": torch.uint8, "label": torch.int64}
+    primary_metric = "accuracy"
+
+    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
+        return {"num_classes": int(info.num_classes)} if info.num_classes else {}
+
+    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        return {"video": torch.zeros(batch_size, info.clip_frames, info.height, info.width, 3, dtype=torch.uint8),
+                "label": torch.zeros(batch_size, dtype=torch.int64)}
+
+    def inputs(self, batch):
+        from heygen_ray.data.transforms import video_to_float
+
+        return {"video": video_to_float(batch["video"])}, batch["label"]
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs.float(), targets)
+
+    def new_metrics(self, info):
+        k = int(info.num_classes or 1)
+        return {"loss_sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64),
+                "correct": torch.zeros((), dtype=torch.float64), "confusion": torch.zeros(k, k, dtype=torch.float64)}
+
+    def update_metrics(self, state, outputs, targets):
+        outputs = outputs.detach().float()
+        state["loss_sum"] += F.cross_entropy(outputs, targets, reduction="sum").double().cpu()
+        pred = outputs.argmax(-1)
+        state["correct"] += (pred == targets).sum().double().cpu()
+        state["count"] += float(targets.numel())
+        k = state["confusion"].shape[0]
+        idx = (targets.cpu() * k + pred.cpu()).long()
+        state["confusion"] += torch.bincount(idx, minlength=k * k).reshape(k, k).double()
+
+    def compute_metrics(self, state):
+        n = max(float(state["count"]), 1.0)
+        return {"loss": float(state["loss_sum"]) / n, "accuracy": float(state["correct"]) / n, "samples": float(state["count"])}
+
+    def units_per_sample(self, info):
+        return "frames", int(info.clip_frames or 1)
+
+
+@TASKS.register("language_modeling")
+class LanguageModeling(Task):
+    name = "language_modeling"
+    columns = ("input_ids", "labels")
+    dtypes = {"input_ids": torch.int64, "labels": torch.int64}
+    primary_metric = "perplexity"
+    primary_mode = "min"
+
+    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if info.vocab_size:
+            out["vocab_size"] = int(info.vocab_size)
+        return out
+
+    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        ids = torch.zeros(batch_size, info.seq_len, dtype=torch.int64)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def inputs(self, batch):
+        return {"input_ids": batch["input_ids"]}, batch["labels"]
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten())
+
+    def new_metrics(self, info):
+        return {"loss_sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+
+    def update_metrics(self, state, outputs, targets):
+        state["loss_sum"] += F.cross_entropy(outputs.detach().float().flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
+        state["count"] += float(targets.numel())
+
+    def compute_metrics(self, state):
+        n = max(float(state["count"]), 1.0)
+        loss = float(state["loss_sum"]) / n
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(state["count"])}
+
+    def units_per_sample(self, info):
+        return "tokens", int(info.seq_len or 1)
+
+
+def get_task(name: str) -> Task:
+    return TASKS.get(name)()
