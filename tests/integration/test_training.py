@@ -49,3 +49,31 @@ def test_bad_model_overrides_fail_before_workers_start(ray_session, tmp_path, ti
     spec = lm_spec(tmp_path, tiny_dataset, name="bad", **{"model.overrides": "{hidden_dimension: 64}"})
     with pytest.raises(ConfigError, match="model.overrides.*hidden_dimension"):
         run_training(spec)
+
+
+def test_classification_run_is_tracked_and_registered(ray_session, tmp_path, tiny_dataset):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from heygen_ray.tracking import load_model
+
+    _, res = tiny_dataset
+    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
+        "name=vc", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
+        "steps=6", "batch_size=4", "log_every_n_steps=2", "checkpoint_every_n_steps=3", "eval_every_n_steps=3",
+        "schedule.warmup_steps=1", f"run_dir={tmp_path}/runs", "tracking.registered_model_name=vc_test",
+    ])
+    out = run_training(spec)
+    assert out["model_version"] == "1" and out["registered_model_name"] == "vc_test"
+    client = MlflowClient(out["tracking_uri"], registry_uri=out["tracking_uri"])
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "conv_video_encoder_micro" and run.data.params["steps"] == "6"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6]
+    assert {"val_accuracy", "val_ema_accuracy", "lr", "samples_per_s", "frames_per_s", "mfu", "data_wait_share"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "curves.png"} <= artifacts and any(a.startswith("confusion_matrix") for a in artifacts)
+    model = load_model("models:/vc_test/1", tracking_uri=out["tracking_uri"])
+    assert type(model).__name__ == "ConvVideoEncoder"
+    logits = model(video=torch.zeros(2, 3, 8, 32, 32))
+    assert logits.shape == (2, 16) and torch.isfinite(logits).all()

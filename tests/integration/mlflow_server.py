@@ -1,0 +1,100 @@
+"""A real `mlflow server` for tests: sqlite backend + proxied artifacts in a temp dir, on a free port.
+
+    from mlflow_server import mlflow_server  # noqa: F401   (the fixture; yields "http://127.0.0.1:<port>")
+
+The server runs in its own process group (uvicorn spawns workers), which teardown terminates as a
+whole (SIGTERM, then SIGKILL after a grace period). Startup is bounded; on failure the error carries
+the server's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_cli() -> str:
+    """The `mlflow` script of the running interpreter's environment (the project venv)."""
+    return str(Path(sys.executable).with_name("mlflow"))
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group: the CLI and its uvicorn workers
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=grace_s)
+
+
+@contextmanager
+def running_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """Start `mlflow server` with its state under `root`; yield its URI; stop it (and its children)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = root / "server.log"
+    cmd = [
+        _mlflow_cli(), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+        # the default allowed hosts already include localhost/127.0.0.1 on any port; explicit here
+        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the server's own config only
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield uri
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """URI of a real MLflow tracking server (one per test session), stopped at the end."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
+        yield uri

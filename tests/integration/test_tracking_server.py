@@ -1,0 +1,66 @@
+"""heygen_ray.tracking against a real `mlflow server` (http, proxied artifacts)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mlflow_server import mlflow_server  # noqa: F401  (fixture)
+
+from heygen_ray.models import create_model
+from heygen_ray.tracking import load_model, load_pyfunc, log_model, make_tracker, resolve_model_uri, set_alias
+
+
+@pytest.mark.slow
+def test_run_and_model_round_trip_through_server(mlflow_server, tmp_path, monkeypatch):  # noqa: F811
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # anything written relative to the CWD would show up here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = {"tracking_uri": mlflow_server, "experiment": "server-test", "tags": {"suite": "integration"}}
+    run_dir = tmp_path / "run"
+
+    torch.manual_seed(0)
+    models = [create_model("vit_video_micro", num_classes=4), create_model("vit_video_micro", num_classes=4)]
+    with make_tracker(spec, str(run_dir), rank=0, run_name="driver") as parent:
+        with make_tracker(spec, str(run_dir), rank=0, run_name="train", nested_under=parent) as t:
+            t.log_params({"model": {"name": "vit_video_micro", "num_classes": 4}})
+            t.log_metrics({"loss": 1.5}, step=0)
+            t.log_metrics({"loss": 0.5}, step=1)
+            t.log_curve_plot({"loss": [(0, 1.5), (1, 0.5)]}, "curves.svg")
+            logged = [
+                log_model(t, m, model_name="vit_video_micro", model_overrides={"num_classes": 4},
+                          registered_model_name="server-video", extra={"variant": f"v{i}"})
+                for i, m in enumerate(models)
+            ]
+    assert [l.version for l in logged] == ["1", "2"]
+    assert not run_dir.exists() and os.listdir(tmp_path) == []  # server decides where artifacts go
+
+    set_alias("server-video", "champion", logged[0].version, tracking_uri=mlflow_server)
+    set_alias("server-video", "champion", logged[1].version, tracking_uri=mlflow_server)  # move it
+
+    # a fresh client, as another process (a Serve replica) would use
+    other = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    run = other.get_run(t.run_id)
+    assert run.data.params == {"model.name": "vit_video_micro", "model.num_classes": "4"}
+    assert [m.value for m in other.get_metric_history(t.run_id, "loss")] == [1.5, 0.5]
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.tags["suite"] == "integration"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server
+    assert "curves.svg" in [a.path for a in other.list_artifacts(t.run_id)]
+    mv = other.get_model_version_by_alias("server-video", "champion")
+    assert mv.version == "2" and mv.run_id == t.run_id and mv.source == logged[1].model_uri
+
+    ref = resolve_model_uri("models:/server-video@champion", tracking_uri=mlflow_server)
+    assert (ref.name, ref.version, ref.run_id) == ("server-video", "2", t.run_id)
+    x = models[1].example_inputs(2)
+    loaded = load_model("models:/server-video@champion", tracking_uri=mlflow_server)
+    assert type(loaded) is type(models[1])
+    with torch.no_grad():
+        want = models[1].eval()(**x)
+        assert torch.equal(loaded(**x), want)
+    out = load_pyfunc("models:/server-video@champion", tracking_uri=mlflow_server).predict({"video": x["video"].numpy()})
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert os.listdir(tmp_path) == []
