@@ -337,6 +337,10 @@ class VideoDataSpec(Spec):
     decode_batch_size: int = Field(default=16, ge=1)
     num_decoders: Optional[int] = Field(default=None, ge=1, description="decoder actors; default: cluster CPUs")
     decoder_num_cpus: float = Field(default=1.0, gt=0.0, le=64.0)
+    cache: bool = Field(
+        default=False, description="decode once and keep the clips in the object store for later epochs "
+        "(fast for small sets; with random sampling every epoch then sees the same frames)"
+    )
     seed: int = 0
 
 

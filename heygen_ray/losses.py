@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from heygen_ray.registry import LOSSES
+
 Components = Dict[str, torch.Tensor]
 
 
@@ -158,6 +160,7 @@ class PatchDiscriminator3D(nn.Module):
         return self.net(video)
 
 
+@LOSSES.register("video_generation")
 class VideoGenerationLoss(nn.Module):
     """Weighted sum of pixel, perceptual, temporal-consistency, (frequency) and adversarial terms.
 
@@ -248,6 +251,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
+@LOSSES.register("distillation")
 class DistillationLoss(nn.Module):
     """alpha * KD(T) + (1 - alpha) * CE(labels) [+ hidden_loss_weight * MSE(proj(h_s), h_t)].
 

@@ -285,6 +285,8 @@ class VideoPipeline:
         )
         # Columns are selected inside the decoder: a separate select_columns step would be a task
         # waiting for a CPU that the decoder actors hold, and would hold back every output until the end.
+        if self.spec.cache:
+            ds = ds.materialize()  # decoded once; every later epoch reads these blocks
         return ds
 
     def stats(self, split: Optional[str] = None) -> Dict[str, Any]:

@@ -108,6 +108,24 @@ def _batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[T
         epoch += 1
 
 
+def schedule_at(opt: torch.optim.Optimizer, spec: TrainSpec, step: int):
+    """A fresh scheduler for the current spec, advanced to ``step``. The LR is a function of the step
+    and the plan, so a resumed job that extends ``steps`` follows its new plan (a restored scheduler
+    state would keep the old horizon)."""
+    import warnings
+
+    for group in opt.param_groups:
+        group["lr"] = spec.optim.lr
+        group.pop("initial_lr", None)
+    sched = build_scheduler(opt, kind=spec.schedule.kind, total_steps=spec.steps, warmup_steps=spec.schedule.warmup_steps,
+                            warmup_start_factor=spec.schedule.warmup_start_factor, min_lr_ratio=spec.schedule.min_lr_ratio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+        for _ in range(step):
+            sched.step()
+    return sched
+
+
 def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches: List[Dict[str, torch.Tensor]],
                    opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float]) -> Tuple[float, float]:
     """One optimizer step over ``len(micro_batches)`` accumulated micro-batches.
@@ -158,8 +176,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     ema = make_ema(model, spec.ema.decay, spec.ema.warmup) if spec.ema.enabled else None
     opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
                             betas=(spec.optim.beta1, spec.optim.beta2), eps=spec.optim.eps)
-    sched = build_scheduler(opt, kind=spec.schedule.kind, total_steps=spec.steps, warmup_steps=spec.schedule.warmup_steps,
-                            warmup_start_factor=spec.schedule.warmup_start_factor, min_lr_ratio=spec.schedule.min_lr_ratio)
+    sched = schedule_at(opt, spec, 0)
     use_fp16 = spec.precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
@@ -184,10 +201,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         _, source, chosen = max(candidates, key=lambda c: (c[0], c[1] == "ray"))
         if source == "ray":
             with chosen.as_directory() as d:
-                meta = load_checkpoint(d, model=model, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler)
+                meta = load_checkpoint(d, model=model, ema=ema, optimizer=opt, scaler=scaler)
         else:
-            meta = load_checkpoint(chosen, model=model, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler)
+            meta = load_checkpoint(chosen, model=model, ema=ema, optimizer=opt, scaler=scaler)
         step, epoch, resumed_from = meta.step, int(meta.data_position.get("epoch", 0)), meta.step
+        sched = schedule_at(opt, spec, step)
         log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
 
     base = model
@@ -211,21 +229,26 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     batches_in_epoch = 0
     model.train()
 
-    def report(final: bool = False) -> None:
-        nonlocal last_eval, last_train
+    def run_eval(final: bool = False) -> None:
+        """Rank 0 only (no collective): exact metrics on the unsplit validation set, raw and EMA."""
+        nonlocal last_eval
+        if val_shard is None or rank != 0:
+            return
+        batches = lambda: val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes))  # noqa: E731
+        raw, state = evaluate(base, batches(), task, info, device, amp)
+        last_eval = {f"val_{k}": v for k, v in raw.items()}
+        if ema is not None:
+            em, state = evaluate(ema.module, batches(), task, info, device, amp)
+            last_eval.update({f"val_ema_{k}": v for k, v in em.items()})
+        tracker.log_metrics(last_eval, step)
+        for k, v in last_eval.items():
+            history.setdefault(k, []).append((step, v))
+        if final and "confusion" in state:
+            tracker.log_confusion_matrix(state["confusion"].tolist(), info.label_names, "confusion_matrix")
+
+    def report() -> None:
+        """Every rank (a barrier): metrics, and rank 0's checkpoint."""
         metrics: Dict[str, Any] = {"step": step, "epoch": epoch}
-        if val_shard is not None and (final or step % spec.eval_every_n_steps == 0 or step % spec.checkpoint_every_n_steps == 0):
-            if rank == 0:  # exact metrics on the unsplit validation set, on the unwrapped model(s)
-                raw, state = evaluate(base, val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)), task, info, device, amp)
-                last_eval = {f"val_{k}": v for k, v in raw.items()}
-                if ema is not None:
-                    em, state = evaluate(ema.module, val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)), task, info, device, amp)
-                    last_eval.update({f"val_ema_{k}": v for k, v in em.items()})
-                tracker.log_metrics(last_eval, step)
-                for k, v in last_eval.items():
-                    history.setdefault(k, []).append((step, v))
-                if final and "confusion" in state:
-                    tracker.log_confusion_matrix(state["confusion"].tolist(), info.label_names, "confusion_matrix")
         metrics.update(last_eval)
         metrics.update(last_train)
         checkpoint = None
@@ -256,6 +279,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
                 epoch, batches_in_epoch = e, 0
             batches_in_epoch += 1
             micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        lr_used = opt.param_groups[0]["lr"]
         loss_value, grad_norm = optimizer_step(model, base, task, micro_batches, opt, scaler, amp, spec.optim.grad_clip_norm)
         window["loss"] += loss_value * len(micro_batches)
         window["micro"] += len(micro_batches)
@@ -277,7 +301,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             sps = window["samples"] * world / max(dt, 1e-9)
             m = {
                 "train_loss": window["loss"] / max(window["micro"], 1),
-                "lr": opt.param_groups[0]["lr"],
+                "lr": lr_used,
                 "grad_norm": window["grad_norm"] / max(window["steps"], 1),
                 "samples_per_s": sps,
                 f"{unit_name}_per_s": sps * units,
@@ -293,14 +317,21 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
                 history.setdefault(k, []).append((step, v))
             window = {"loss": 0.0, "micro": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
 
+        if step % spec.eval_every_n_steps == 0 and step < spec.steps:
+            run_eval()
         if step % spec.checkpoint_every_n_steps == 0 and step < spec.steps:
             report()
-    report(final=True)
+    run_eval(final=True)
+    report()
 
     result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "final_metrics": dict(last_eval)}
     if rank == 0:
         final = ema.module if ema is not None else base
         tracker.log_curve_plot(history, "curves")
+        text = task.samples(final, info)
+        if text:
+            tracker.log_text(text, "samples.txt")
+            result["samples"] = text
         logged = track.log_final_model(tracker, final, spec=spec, info=info, task=task)
         if logged:
             result.update(logged)

@@ -69,6 +69,10 @@ class Task:
         """(name, count) of the throughput unit: frames for video, tokens for text."""
         return "samples", 1
 
+    def samples(self, model: torch.nn.Module, info: DataInfo) -> Optional[str]:
+        """A text artifact showing what the model does (None when the task has none)."""
+        return None
+
 
 @TASKS.register("video_classification")
 class VideoClassification(Task):
@@ -153,6 +157,39 @@ class LanguageModeling(Task):
 
     def units_per_sample(self, info):
         return "tokens", int(info.seq_len or 1)
+
+    PROMPTS = ("a red", "the clip shows a", "in this video the", "watch the")
+
+    def samples(self, model, info):
+        if not info.tokenizer_dir:
+            return None
+        from heygen_ray.data.text import TextTokenizer
+
+        tok = TextTokenizer.load(info.tokenizer_dir)
+        lines = []
+        for prompt in self.PROMPTS:
+            ids = torch.tensor([tok.encode(prompt)], dtype=torch.int64)
+            out = greedy_generate(model, ids, max_new_tokens=24, max_length=info.seq_len or 64, stop_id=tok.eos_id)
+            lines.append(f"{prompt!r} -> {tok.decode(out[0].tolist())!r}")
+        return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, *, max_new_tokens: int, max_length: int,
+                    stop_id: Optional[int] = None) -> torch.Tensor:
+    """Greedy continuation of token ids (B, L) with a causal LM (no cache: fine for short samples)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids[:, -max_length:])  # (B, L, V)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        if stop_id is not None and bool((nxt == stop_id).all()):
+            break
+    model.train(was_training)
+    return ids
 
 
 def get_task(name: str) -> Task:

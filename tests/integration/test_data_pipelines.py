@@ -126,3 +126,13 @@ def test_text_pipeline_packs_and_tokenizes_captions(ray_session, tiny_dataset, t
     b = out[0]
     assert b["caption_ids"].shape == (len(b["caption"]), 12)
     assert text.tokenizer.decode(b["caption_ids"][0]) == b["caption"][0]
+
+
+def test_cache_decodes_once(ray_session, tiny_dataset):
+    _, res = tiny_dataset
+    pipe = VideoPipeline.from_spec(VideoDataSpec(manifest=res.manifest, clip_frames=4, sampling="random", cache=True))
+    ds = pipe.dataset("train", columns=["video", "row_id"])
+    by_id = lambda bs: {int(r): v for b in bs for r, v in zip(b["row_id"], b["video"])}  # noqa: E731
+    first, second = by_id(consume(ds)), by_id(consume(ds))
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+    assert pipe.stats("train")["decoded"] == len(first)

@@ -77,3 +77,22 @@ def test_classification_run_is_tracked_and_registered(ray_session, tmp_path, tin
     assert type(model).__name__ == "ConvVideoEncoder"
     logits = model(video=torch.zeros(2, 3, 8, 32, 32))
     assert logits.shape == (2, 16) and torch.isfinite(logits).all()
+
+
+def test_video_classifier_learns_motion_direction(ray_session, tmp_path):
+    """Threshold: the task isolates motion direction (one shape, 4 directions, so chance is 25%); a
+    centroid tracker on the decoded frames gets 100%, and the micro 3D CNN reached 97.5% validation
+    accuracy after 240 steps of batch 16 in a single process. 60% is far above chance and leaves
+    margin for DDP, seeds and the EMA lag."""
+    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
+        "name=direction", f"data.synth.output_dir={tmp_path}/data", "data.synth.num_clips=200", "data.synth.seed=5",
+        "data.synth.frames=8", "data.synth.height=32", "data.synth.width=32", "data.synth.shapes=[square]",
+        "data.synth.max_distractors=0", "data.synth.noise_std=0.02", "data.video.cache=true",
+        "steps=240", "batch_size=8", "log_every_n_steps=20", "checkpoint_every_n_steps=240", "eval_every_n_steps=240",
+        "schedule.warmup_steps=10", "optim.lr=0.003", "ema.decay=0.95", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
+    ])
+    out = run_training(spec)
+    m = out["metrics"]
+    assert m["val_samples"] == 20
+    assert m["val_accuracy"] >= 0.6, m
+    assert m["train_loss"] < 0.8 * math.log(4)  # the loss fell well below chance level
