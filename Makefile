@@ -13,7 +13,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet --quiet
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo test test-fast bench lint clean stop
+.PHONY: help setup demo test test-fast bench clean
 
 help:
 	@echo "make demo   set up .venv and run the quickstart (generate data, run the pipelines)"
@@ -41,6 +41,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/models.py
+	$(BIN)/python benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) data/quickstart .pytest_cache build *.egg-info

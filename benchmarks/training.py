@@ -1,6 +1,6 @@
 """Training benchmarks, side by side in one run; results in benchmarks/results/training.json.
 
-    python benchmarks/training.py [--steps 60] [--skip ray_vs_torchrun,bf16,mfu]
+    python benchmarks/training.py [--steps 200] [--repeats 3] [--skip ray_vs_torchrun,bf16,mfu]
 
 1. ray_vs_torchrun: the same optimizer step (heygen_ray.train.loop.optimizer_step), model, batch and 2
    gloo workers under Ray Train's TorchTrainer and under a plain `torchrun` DDP script. Batches are
@@ -165,9 +165,10 @@ def precision_curve(widths, steps: int, warmup: int) -> list:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--skip", default="")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating torchrun / Ray runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "training.json"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -182,17 +183,22 @@ def main() -> int:
         "model": MODEL, "batch": BATCH, "seq_len": SEQ,
     }
     if "ray_vs_torchrun" not in skip:
-        tr = run_torchrun(args.steps, args.warmup)
-        ry = run_ray(args.steps, args.warmup)
+        # alternate the two, several times: single runs on a shared 2-core box vary by +-5%
+        trs, rys = [], []
+        for _ in range(args.repeats):
+            trs.append(1 / run_torchrun(args.steps, args.warmup)["sec_per_step"])
+            rys.append(1 / run_ray(args.steps, args.warmup)["sec_per_step"])
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         result["ray_vs_torchrun"] = {
-            "torchrun_steps_per_s": round(1 / tr["sec_per_step"], 2), "ray_train_steps_per_s": round(1 / ry["sec_per_step"], 2),
-            "ratio": round(tr["sec_per_step"] / ry["sec_per_step"], 3), "goal": 0.97,
-            "threads_per_worker": {"torchrun": tr["threads"], "ray": ry["threads"]}, "workers": 2, "backend": "gloo",
+            "torchrun_steps_per_s": [round(x, 2) for x in trs], "ray_train_steps_per_s": [round(x, 2) for x in rys],
+            "ratio_of_medians": round(med(rys) / med(trs), 3), "goal": 0.97, "timed_steps_per_run": args.steps - args.warmup,
+            "workers": 2, "backend": "gloo", "threads_per_worker": 1,
+            "note": "2 workers on 2 cores: Ray's own processes (GCS, raylet, train controller) share the cores with the workers",
         }
         print(json.dumps(result["ray_vs_torchrun"]), flush=True)
     if "bf16" not in skip:
         torch.set_num_threads(cpus)
-        result["bf16_vs_fp32"] = {"threads": cpus, "rows": precision_curve([256, 512, 768], max(args.steps // 2, 20), 5),
+        result["bf16_vs_fp32"] = {"threads": cpus, "rows": precision_curve([256, 512, 768], 30, 5),
                                   "goal": ">= 2x at width >= 512"}
         print(json.dumps(result["bf16_vs_fp32"]), flush=True)
     if "mfu" not in skip:
