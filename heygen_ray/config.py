@@ -457,6 +457,15 @@ class EMASpec(Spec):
     warmup: bool = True
 
 
+class VideoLossSpec(Spec):
+    """Weights of VideoGenerationLoss (text_to_video)."""
+
+    pixel_loss_weight: float = Field(default=1.0, ge=0.0)
+    perceptual_loss_weight: float = Field(default=0.2, ge=0.0)
+    temporal_consistency_weight: float = Field(default=0.5, ge=0.0)
+    pixel_loss: Literal["l1", "mse"] = "l1"
+
+
 class ScalingSpec(Spec):
     num_workers: int = Field(default=2, ge=0, description="0 = run the loop in the driver (debugging)")
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
@@ -475,7 +484,7 @@ class TrainSpec(Spec):
     """One training job: a task, a model, the data, the optimisation and where it all goes."""
 
     name: str = Field(default="train", pattern=r"^[A-Za-z0-9_.-]+$", description="run name; re-running a name resumes it")
-    task: Literal["video_classification", "language_modeling"] = "video_classification"
+    task: Literal["video_classification", "language_modeling", "text_to_video"] = "video_classification"
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     steps: int = Field(default=200, ge=1, description="optimizer steps")
@@ -487,6 +496,7 @@ class TrainSpec(Spec):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     ema: EMASpec = Field(default_factory=EMASpec)
+    loss: VideoLossSpec = Field(default_factory=VideoLossSpec)
     log_every_n_steps: int = Field(default=10, ge=1)
     eval_every_n_steps: int = Field(default=100, ge=1)
     checkpoint_every_n_steps: int = Field(default=100, ge=1)

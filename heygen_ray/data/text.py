@@ -179,14 +179,17 @@ class PackTokens:
 class TokenizeCaptions:
     """``map_batches`` callable: adds ``caption_ids`` and ``caption_mask`` from the ``caption`` column."""
 
-    def __init__(self, tokenizer_dir: str, max_tokens: int) -> None:
+    def __init__(self, tokenizer_dir: str, max_tokens: int, drop_caption: bool = False) -> None:
         self.tok = TextTokenizer.load(tokenizer_dir)
         self.max_tokens = max_tokens
+        self.drop_caption = drop_caption
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         ids, mask = encode_captions(self.tok, list(batch["caption"]), self.max_tokens)
         batch["caption_ids"] = ids.astype(np.int64)
         batch["caption_mask"] = mask
+        if self.drop_caption:  # strings cannot become tensors in iter_torch_batches
+            batch = {k: v for k, v in batch.items() if k != "caption"}
         return batch
 
 
@@ -231,11 +234,12 @@ class TextPipeline:
             num_cpus=self.spec.tokenizer_num_cpus,
         )
 
-    def add_caption_tokens(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":  # noqa: F821
+    def add_caption_tokens(self, ds: "ray.data.Dataset", drop_caption: bool = False) -> "ray.data.Dataset":  # noqa: F821
         """Tokenize the ``caption`` column of a video dataset (for the video-text tasks)."""
         return ds.map_batches(
             TokenizeCaptions,
-            fn_constructor_kwargs={"tokenizer_dir": self.tokenizer_dir, "max_tokens": self.spec.caption_max_tokens},
+            fn_constructor_kwargs={"tokenizer_dir": self.tokenizer_dir, "max_tokens": self.spec.caption_max_tokens,
+                                   "drop_caption": drop_caption},
             batch_size=self.spec.batch_size, batch_format="numpy", compute=self._pool(),
             num_cpus=self.spec.tokenizer_num_cpus,
         )

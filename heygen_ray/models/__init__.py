@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Mapping
 
 from torch import nn
 
-from heygen_ray.models import fusion, generator, swin, temporal, text, video, vit  # noqa: F401  (registers presets)
+from heygen_ray.models import composite, fusion, generator, swin, temporal, text, video, vit  # noqa: F401  (registers presets)
 from heygen_ray.models.base import ModelBase, UnknownArgumentError
 from heygen_ray.models.fusion import MultimodalFusion, MultimodalFusionModule
 from heygen_ray.models.generator import VideoGenerator

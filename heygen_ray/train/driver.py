@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, TrainSpec
-from heygen_ray.train.tasks import DataInfo, get_task
+from heygen_ray.train.tasks import DataInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 102
 
 def prepare_data(spec: TrainSpec) -> Tuple[Dict[str, Any], DataInfo]:
     """Build the Ray datasets for the task (generating the embedded set if it is configured and absent)."""
-    task = get_task(spec.task)
+    from heygen_ray.train.loop import task_for
+
+    task = task_for(spec)
     data = spec.data
     if data.synth is not None and not fsutil.exists(data.video.manifest or ""):
         from heygen_ray.data.synthetic import generate_dataset
@@ -75,12 +77,47 @@ def prepare_data(spec: TrainSpec) -> Tuple[Dict[str, Any], DataInfo]:
         return datasets, info
     from heygen_ray.data.text import TextPipeline
 
+    if spec.task == "text_to_video":
+        from heygen_ray.data.video import VideoPipeline
+
+        pipe = VideoPipeline.from_spec(data.video)
+        if "caption" not in pipe.table.column_names:
+            raise ConfigError(f"data.video.manifest: {pipe.manifest_uri} has no caption column (video.columns.caption)")
+        text = TextPipeline.from_spec(data.text)
+        info = DataInfo(clip_frames=data.video.clip_frames, height=data.video.height, width=data.video.width,
+                        vocab_size=text.tokenizer.vocab_size, pad_id=text.tokenizer.pad_id,
+                        caption_tokens=data.text.caption_max_tokens, tokenizer_dir=text.tokenizer_dir,
+                        train_rows=pipe.rows("train").num_rows, val_rows=pipe.rows("val").num_rows)
+        datasets = {}
+        for split in ("train", "val"):
+            if split == "val" and not info.val_rows:
+                continue
+            ds = text.add_caption_tokens(pipe.dataset(split, columns=["video", "caption"]), drop_caption=True)
+            datasets[split] = ds.materialize() if data.video.cache else ds
+        info.mean_clip = mean_clip(datasets["train"])
+        return datasets, info
+
     text = TextPipeline.from_spec(data.text)
     packed = text.lm_dataset().materialize()  # text is small; a 10% hold-out of packed sequences for validation
     train, val = packed.train_test_split(test_size=0.1, seed=spec.seed)
     info = DataInfo(vocab_size=text.tokenizer.vocab_size, pad_id=text.tokenizer.pad_id, seq_len=data.text.seq_len,
                     tokenizer_dir=text.tokenizer_dir, train_rows=train.count(), val_rows=val.count())
     return {"train": train, "val": val}, info
+
+
+def mean_clip(ds, max_clips: int = 512) -> list:
+    """The mean training clip as float (C, T, H, W) in [-1, 1] (the text-to-video baseline)."""
+    import numpy as np
+
+    total, n = None, 0
+    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        v = batch["video"].astype(np.float64)  # (B, T, H, W, C)
+        total = v.sum(0) if total is None else total + v.sum(0)
+        n += len(v)
+        if n >= max_clips:
+            break
+    mean = (total / max(n, 1)) / 127.5 - 1.0  # (T, H, W, C)
+    return mean.transpose(3, 0, 1, 2).astype(np.float32).tolist()
 
 
 def check_model(spec: TrainSpec, info: DataInfo) -> None:
@@ -91,7 +128,9 @@ def check_model(spec: TrainSpec, info: DataInfo) -> None:
     from heygen_ray.models import UnknownArgumentError
     from heygen_ray.train.loop import build_model
 
-    task = get_task(spec.task)
+    from heygen_ray.train.loop import task_for
+
+    task = task_for(spec)
     try:
         with torch.device("meta"):
             model = build_model(spec, task, info)

@@ -50,6 +50,10 @@ def build_model(spec: TrainSpec, task: Task, info: DataInfo) -> nn.Module:
     return create_model(spec.model.name, **overrides)
 
 
+def task_for(spec: TrainSpec) -> Task:
+    return get_task(spec.task, spec.loss.to_dict() if spec.task == "text_to_video" else None)
+
+
 def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
     if spec.fault is not None:
         return spec.fault.rank, spec.fault.step
@@ -164,7 +168,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
 
     spec = TrainSpec.from_dict(config["spec"])  # re-validated on arrival
     info = DataInfo(**config["data_info"])
-    task = get_task(spec.task)
+    task = task_for(spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -324,7 +328,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     run_eval(final=True)
     report()
 
-    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "final_metrics": dict(last_eval)}
+    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "final_metrics": dict(last_eval),
+                              "val_history": {k: v for k, v in history.items() if k.startswith("val_")}}
     if rank == 0:
         final = ema.module if ema is not None else base
         tracker.log_curve_plot(history, "curves")

@@ -29,6 +29,8 @@ class DataInfo:
     pad_id: Optional[int] = None
     seq_len: Optional[int] = None
     tokenizer_dir: Optional[str] = None
+    caption_tokens: Optional[int] = None
+    mean_clip: Optional[List[Any]] = None  # float (C, T, H, W) in [-1, 1]: the mean training clip
     train_rows: Optional[int] = None
     val_rows: Optional[int] = None
 
@@ -192,5 +194,84 @@ def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, *, max_new_tokens
     return ids
 
 
-def get_task(name: str) -> Task:
-    return TASKS.get(name)()
+@TASKS.register("text_to_video")
+class TextToVideoTask(Task):
+    """Caption -> clip. Loss: VideoGenerationLoss (pixel + weight-free perceptual + temporal).
+    Metrics: PSNR, SSIM and temporal consistency (L1 between consecutive-frame differences), and the
+    same for a baseline that always predicts the mean training clip, so progress is visible."""
+
+    name = "text_to_video"
+    columns = ("video", "caption_ids", "caption_mask")
+    dtypes = {"video": torch.uint8, "caption_ids": torch.int64, "caption_mask": torch.bool}
+    primary_metric = "psnr"
+
+    def __init__(self, loss_weights: Optional[Dict[str, float]] = None) -> None:
+        from heygen_ray.losses import VideoGenerationLoss
+
+        self.criterion = VideoGenerationLoss(**(loss_weights or {}))
+
+    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for key, value in (("vocab_size", info.vocab_size), ("max_sequence_length", info.caption_tokens),
+                           ("max_frames", info.clip_frames), ("video_height", info.height), ("video_width", info.width)):
+            if value:
+                out[key] = int(value)
+        return out
+
+    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        return {"video": torch.zeros(batch_size, info.clip_frames, info.height, info.width, 3, dtype=torch.uint8),
+                "caption_ids": torch.zeros(batch_size, info.caption_tokens, dtype=torch.int64),
+                "caption_mask": torch.ones(batch_size, info.caption_tokens, dtype=torch.bool)}
+
+    def inputs(self, batch):
+        from heygen_ray.data.transforms import video_to_float
+
+        return {"input_ids": batch["caption_ids"], "attention_mask": batch["caption_mask"]}, video_to_float(batch["video"])
+
+    def loss(self, outputs, targets):
+        return self.criterion(outputs, targets)[0]
+
+    def new_metrics(self, info):
+        state = {k: torch.zeros((), dtype=torch.float64) for k in
+                 ("count", "psnr", "ssim", "temporal", "baseline_psnr", "baseline_ssim", "baseline_temporal")}
+        state["mean_clip"] = torch.tensor(info.mean_clip, dtype=torch.float32) if info.mean_clip is not None else None
+        return state
+
+    def update_metrics(self, state, outputs, targets):
+        pred, tgt = outputs.detach().float().clamp(-1, 1), targets.float()
+        preds = {"": pred}
+        if state["mean_clip"] is not None:
+            preds["baseline_"] = state["mean_clip"].to(tgt.device).unsqueeze(0).expand_as(tgt)
+        for prefix, p in preds.items():
+            m = video_quality(p, tgt)
+            for k, v in m.items():
+                state[prefix + k] += v.sum().double().cpu()
+        state["count"] += float(tgt.shape[0])
+
+    def compute_metrics(self, state):
+        n = max(float(state["count"]), 1.0)
+        keys = ["psnr", "ssim", "temporal"] + (["baseline_psnr", "baseline_ssim", "baseline_temporal"] if state["mean_clip"] is not None else [])
+        out = {k: float(state[k]) / n for k in keys}
+        out["samples"] = float(state["count"])
+        return out
+
+    def units_per_sample(self, info):
+        return "frames", int(info.clip_frames or 1)
+
+
+def video_quality(prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-sample PSNR (dB), SSIM and temporal consistency error for (B, C, T, H, W) in [-1, 1].
+    temporal = mean |diff_t(prediction) - diff_t(target)| (0 when the motion matches exactly)."""
+    from heygen_ray.losses import psnr, ssim
+
+    dp, dt = torch.diff(prediction, dim=2), torch.diff(target, dim=2)
+    return {
+        "psnr": psnr(prediction, target, data_range=2.0, reduction="none"),
+        "ssim": ssim(prediction, target, data_range=2.0, reduction="none"),
+        "temporal": (dp - dt).abs().flatten(1).mean(1),
+    }
+
+
+def get_task(name: str, loss_weights: Optional[Dict[str, float]] = None) -> Task:
+    cls = TASKS.get(name)
+    return cls(loss_weights) if name == "text_to_video" else cls()

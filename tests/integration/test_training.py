@@ -96,3 +96,20 @@ def test_video_classifier_learns_motion_direction(ray_session, tmp_path):
     assert m["val_samples"] == 20
     assert m["val_accuracy"] >= 0.6, m
     assert m["train_loss"] < 0.8 * math.log(4)  # the loss fell well below chance level
+
+
+def test_text_to_video_trains_and_beats_its_first_evaluation(ray_session, tmp_path, tiny_dataset):
+    _, res = tiny_dataset
+    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/text_to_video.yaml"), [
+        "name=t2v", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
+        f"data.text.tokenizer_dir={tmp_path}/tok", "data.text.vocab_size=400", "data.text.caption_max_tokens=12",
+        "steps=60", "batch_size=4", "log_every_n_steps=10", "eval_every_n_steps=5", "checkpoint_every_n_steps=60",
+        "schedule.warmup_steps=5", "optim.lr=0.002", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
+    ])
+    out = run_training(spec)
+    hist = dict(out["val_history"]["val_psnr"])
+    first, last = hist[5], hist[60]
+    assert last > first + 1.0, hist  # the metric moves the right way
+    m = out["metrics"]
+    assert m["val_samples"] == 5 and "val_baseline_psnr" in m and 0.0 < m["val_ssim"] <= 1.0
+    assert m["frames_per_s"] > 0 and out["step"] == 60

@@ -148,3 +148,30 @@ def test_resumed_schedule_matches_the_uninterrupted_one():
     opt3 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     schedule_at(opt3, longer, 19)
     assert opt3.param_groups[0]["lr"] > lrs[19]  # the extended plan decays more slowly
+
+
+def test_video_quality_by_hand():
+    from heygen_ray.train.tasks import video_quality
+
+    target = torch.zeros(2, 3, 4, 16, 16)
+    target[:, :, 1::2] = 0.5  # flicker between 0 and 0.5
+    same = video_quality(target.clone(), target)
+    assert torch.allclose(same["ssim"], torch.ones(2), atol=1e-5) and (same["temporal"] == 0).all()
+    shifted = video_quality(target + 0.1, target)  # MSE 0.01 over range 2: PSNR = 10 log10(4 / 0.01) = 26.02 dB
+    assert torch.allclose(shifted["psnr"], torch.full((2,), 26.0206), atol=1e-3)
+    assert (shifted["temporal"] < 1e-6).all()  # a constant offset keeps the motion
+    frozen = video_quality(torch.zeros_like(target), target)  # no flicker predicted: |0 - (+-0.5)| = 0.5
+    assert torch.allclose(frozen["temporal"], torch.full((2,), 0.5))
+
+
+def test_text_to_video_metrics_include_the_mean_clip_baseline():
+    info = DataInfo(clip_frames=4, height=16, width=16, caption_tokens=6, vocab_size=50,
+                    mean_clip=torch.full((3, 4, 16, 16), 0.25).tolist())
+    task = get_task("text_to_video")
+    state = task.new_metrics(info)
+    target = torch.zeros(2, 3, 4, 16, 16)
+    task.update_metrics(state, target + 0.5, target)
+    m = task.compute_metrics(state)
+    # prediction error 0.5 -> 10 log10(4 / 0.25) = 12.04 dB; the baseline (0.25 off) -> 18.06 dB
+    assert m["psnr"] == pytest.approx(12.0412, abs=1e-3) and m["baseline_psnr"] == pytest.approx(18.0618, abs=1e-3)
+    assert m["samples"] == 2

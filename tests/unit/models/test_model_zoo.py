@@ -37,6 +37,7 @@ EXPECTED_OUTPUT = {
     "text_processor_micro": (2, 64),
     "multimodal_fusion_micro": (2, 64),
     "video_generator_micro": (2, 3, 8, 32, 32),
+    "text_to_video_micro": (2, 3, 8, 32, 32),
 }
 
 
@@ -117,7 +118,7 @@ def test_reset_classifier_changes_the_output_width(name, overrides):
     model.reset_classifier(7)
     with torch.no_grad():
         out = model(**inputs)
-    if name == "video_generator_micro":  # the head makes 7 video channels
+    if name in ("video_generator_micro", "text_to_video_micro"):  # the head makes 7 video channels
         assert out.shape == (2, 7, 8, 32, 32)
     else:
         assert out.shape[-1] == 7
