@@ -128,19 +128,6 @@ def run_torchrun(steps: int, warmup: int) -> dict:
 # ---- 2./3. precision and MFU ----------------------------------------------------------------------
 
 
-def matmul_peak(dtype, threads: int, n: int = 2048, iters: int = 6) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
 def precision_curve(widths, steps: int, warmup: int) -> list:
     import torch
 
@@ -202,7 +189,9 @@ def main() -> int:
                                   "goal": ">= 2x at width >= 512"}
         print(json.dumps(result["bf16_vs_fp32"]), flush=True)
     if "mfu" not in skip:
-        peaks = {"fp32": matmul_peak(torch.float32, cpus), "bf16": matmul_peak(torch.bfloat16, cpus)}
+        from heygen_ray.train.driver import measure_matmul_peak
+
+        peaks = {p: measure_matmul_peak(p, threads=cpus, n=2048, iters=6) for p in ("fp32", "bf16")}
         torch.set_num_threads(cpus)
         row = next((r for r in result.get("bf16_vs_fp32", {}).get("rows", []) if r["width"] == 512), None) or precision_curve([512], 20, 5)[0]
         result["mfu_width_512"] = {

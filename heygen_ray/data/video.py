@@ -247,9 +247,11 @@ class VideoPipeline:
             raise ConfigError(f"video.manifest: {self.manifest_uri} has no split column; cannot select split {split!r}")
         return self.table.filter(pc.equal(self.table.column("split"), split))
 
-    def dataset(self, split: Optional[str] = None, *, columns: Optional[Sequence[str]] = None) -> "ray.data.Dataset":  # noqa: F821
+    def dataset(self, split: Optional[str] = None, *, columns: Optional[Sequence[str]] = None,
+                cache: Optional[bool] = None) -> "ray.data.Dataset":  # noqa: F821
         """A lazy dataset of decoded clips: columns video (uint8 T,H,W,3), label, caption, path, row_id,
-        source_frames (or just ``columns``)."""
+        source_frames (or just ``columns``). ``cache`` (default: ``video.cache``) materialises the decoded
+        clips; pass False when the caller adds steps and caches the end result itself."""
         import ray
 
         rows = self.rows(split)
@@ -285,7 +287,7 @@ class VideoPipeline:
         )
         # Columns are selected inside the decoder: a separate select_columns step would be a task
         # waiting for a CPU that the decoder actors hold, and would hold back every output until the end.
-        if self.spec.cache:
+        if self.spec.cache if cache is None else cache:
             ds = ds.materialize()  # decoded once; every later epoch reads these blocks
         return ds
 

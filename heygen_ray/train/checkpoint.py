@@ -20,7 +20,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -169,21 +169,41 @@ def load_checkpoint(
     return meta
 
 
+def commit_checkpoint(root: str, keep: int, *, step: int, **parts: Any) -> str:
+    """Write ``<root>/step_<step>`` (under a temporary name, then renamed, so a crash never leaves half
+    a checkpoint that looks complete) and keep only the ``keep`` newest. ``parts``: as for
+    :func:`save_checkpoint`. Returns the checkpoint directory."""
+    import shutil
+
+    path = os.path.join(root, f"step_{step:08d}")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
+    save_checkpoint(tmp, step=step, **parts)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    prune_checkpoints(root, keep)
+    return path
+
+
 def latest_checkpoint(root: str) -> Optional[str]:
     """The highest-step complete checkpoint under ``root`` (``step_XXXXXXXX`` folders; a folder counts
     once its meta.json, written last, exists)."""
-    if not os.path.isdir(root):
-        return None
-    done = [d for d in os.listdir(root) if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "meta.json"))]
-    return os.path.join(root, max(done)) if done else None
+    done = _complete(root)
+    return os.path.join(root, done[-1]) if done else None
 
 
 def prune_checkpoints(root: str, keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints under ``root``."""
     import shutil
 
-    if not os.path.isdir(root):
-        return
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "meta.json")))
+    done = _complete(root)
     for d in done[: max(len(done) - keep, 0)]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def _complete(root: str) -> List[str]:
+    """Complete ``step_XXXXXXXX`` folders under ``root``, oldest first (meta.json is written last)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(root, d, "meta.json")))

@@ -10,11 +10,11 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, TrainSpec
-from heygen_ray.train.tasks import DataInfo
+from heygen_ray.train.tasks import DataInfo, Task
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,8 @@ def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 102
     return 2.0 * n**3 * iters / dt
 
 
-def prepare_data(spec: TrainSpec) -> Tuple[Dict[str, Any], DataInfo]:
+def prepare_data(spec: TrainSpec, task: Task) -> Tuple[Dict[str, Any], DataInfo]:
     """Build the Ray datasets for the task (generating the embedded set if it is configured and absent)."""
-    from heygen_ray.train.loop import task_for
-
-    task = task_for(spec)
     data = spec.data
     if data.synth is not None and not fsutil.exists(data.video.manifest or ""):
         from heygen_ray.data.synthetic import generate_dataset
@@ -92,7 +89,9 @@ def prepare_data(spec: TrainSpec) -> Tuple[Dict[str, Any], DataInfo]:
         for split in ("train", "val"):
             if split == "val" and not info.val_rows:
                 continue
-            ds = text.add_caption_tokens(pipe.dataset(split, columns=["video", "caption"]), drop_caption=True)
+            # cache (when asked) after tokenizing, so the decoded clips are held once
+            clips = pipe.dataset(split, columns=["video", "caption"], cache=False)
+            ds = text.add_caption_tokens(clips, drop_caption=True)
             datasets[split] = ds.materialize() if data.video.cache else ds
         info.mean_clip = mean_clip(datasets["train"])
         return datasets, info
@@ -120,7 +119,7 @@ def mean_clip(ds, max_clips: int = 512) -> list:
     return mean.transpose(3, 0, 1, 2).astype(np.float32).tolist()
 
 
-def check_model(spec: TrainSpec, info: DataInfo) -> None:
+def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
     """Build the model on the meta device and run it on a batch of the data's shape: a mismatch fails
     here, naming model.overrides, instead of inside a worker."""
     import torch
@@ -128,19 +127,15 @@ def check_model(spec: TrainSpec, info: DataInfo) -> None:
     from heygen_ray.models import UnknownArgumentError
     from heygen_ray.train.loop import build_model
 
-    from heygen_ray.train.loop import task_for
-
-    task = task_for(spec)
+    inputs, targets = task.inputs({k: v.to("meta") for k, v in task.example_batch(info, 2).items()})
     try:
         with torch.device("meta"):
             model = build_model(spec, task, info)
-            inputs, targets = task.inputs({k: v.to("meta") for k, v in task.example_batch(info, 2).items()})
-            out = model(**inputs)
-            task.loss(out, targets)
+            task.loss(model(**inputs), targets)
     except UnknownArgumentError as err:
         raise ConfigError(f"model.overrides: {err}") from None
     except (RuntimeError, ValueError, AssertionError) as err:
-        shapes = {k: tuple(v.shape) for k, v in inputs.items()} if "inputs" in locals() else "?"
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
         raise ConfigError(
             f"model {spec.model.name!r} does not fit the data {shapes}: {err}. Set model.overrides "
             "(e.g. num_frames / image_size / max_sequence_length) to match data.video or data.text."
@@ -149,16 +144,16 @@ def check_model(spec: TrainSpec, info: DataInfo) -> None:
 
 def run_training(spec: TrainSpec) -> Dict[str, Any]:
     """Train on the current Ray cluster; returns (and writes) the job's results."""
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from heygen_ray.train import track
-    from heygen_ray.train.loop import train_loop_per_worker
+    from heygen_ray.train.loop import task_for, train_loop_per_worker
 
     spec = absolutize(spec)
-    datasets, info = prepare_data(spec)
-    check_model(spec, info)
+    task = task_for(spec)
+    datasets, info = prepare_data(spec, task)
+    check_model(spec, task, info)
     run_dir = os.path.join(spec.run_dir, spec.name)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "spec.yaml"), "w") as f:
@@ -199,7 +194,7 @@ def run_training(spec: TrainSpec) -> Dict[str, Any]:
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": track.resolved_uri(spec.tracking.to_dict(), run_dir),
-        **{k: v for k, v in value.items() if k not in ("final_metrics",)},
+        **value,
     }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)

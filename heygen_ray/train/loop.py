@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from heygen_ray.config import TrainSpec
-from heygen_ray.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, read_meta, save_checkpoint
+from heygen_ray.train.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, read_meta
 from heygen_ray.train.ema import make_ema
 from heygen_ray.train.schedule import build_scheduler
 from heygen_ray.train.tasks import DataInfo, Task, get_task
@@ -43,11 +43,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def model_overrides(spec: TrainSpec, task: Task, info: DataInfo) -> Dict[str, Any]:
+    """What the data dictates (classes, vocabulary, clip shape), then the YAML's own overrides."""
+    return {**task.model_overrides(info), **spec.model.overrides}
+
+
 def build_model(spec: TrainSpec, task: Task, info: DataInfo) -> nn.Module:
     from heygen_ray.models import create_model
 
-    overrides = {**task.model_overrides(info), **spec.model.overrides}
-    return create_model(spec.model.name, **overrides)
+    return create_model(spec.model.name, **model_overrides(spec, task, info))
 
 
 def task_for(spec: TrainSpec) -> Task:
@@ -68,19 +72,6 @@ def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _all_reduce(tensors: Dict[str, torch.Tensor], world: int) -> Dict[str, torch.Tensor]:
-    if world <= 1:
-        return tensors
-    import torch.distributed as dist
-
-    out = {}
-    for k, v in tensors.items():
-        t = v.clone().double()
-        dist.all_reduce(t)
-        out[k] = t
-    return out
 
 
 @torch.no_grad()
@@ -193,22 +184,20 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     # worker that dies right after reporting can leave Ray one checkpoint behind.
     step, epoch, resumed_from = 0, 0, None
     own_root = os.path.join(config["run_dir"], "checkpoints")
-    candidates = []
+    own = latest_checkpoint(own_root)
+    own_step = read_meta(own).step if own is not None else -1
+    parts = dict(model=model, ema=ema, optimizer=opt, scaler=scaler)
+    meta, source = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            candidates.append((read_meta(d).step, "ray", ckpt))
-    own = latest_checkpoint(own_root)
-    if own is not None:
-        candidates.append((read_meta(own).step, "own", own))
-    if candidates:
-        _, source, chosen = max(candidates, key=lambda c: (c[0], c[1] == "ray"))
-        if source == "ray":
-            with chosen.as_directory() as d:
-                meta = load_checkpoint(d, model=model, ema=ema, optimizer=opt, scaler=scaler)
-        else:
-            meta = load_checkpoint(chosen, model=model, ema=ema, optimizer=opt, scaler=scaler)
+        with ckpt.as_directory() as d:  # opened once: on remote storage this is a download
+            if read_meta(d).step >= own_step:
+                meta, source = load_checkpoint(d, **parts), "ray"
+    if meta is None and own is not None:
+        meta, source = load_checkpoint(own, **parts), "own"
+    if meta is not None:
         step, epoch, resumed_from = meta.step, int(meta.data_position.get("epoch", 0)), meta.step
+        log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
         sched = schedule_at(opt, spec, step)
         log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
 
@@ -216,7 +205,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     if spec.compile:
         model = torch.compile(model)
-    tracker = track.worker_tracker(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
+    tracker = track.attach(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     flops = unwrap_model(base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0])
@@ -226,7 +215,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     fault_marker = os.path.join(config["run_dir"], f".fault-{spec.name}")
 
     history: Dict[str, List[Tuple[int, float]]] = {}
-    window = {"loss": 0.0, "micro": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+    def new_window() -> Dict[str, float]:  # sums over the optimizer steps since the last log line
+        return {"loss": 0.0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+
+    window = new_window()
     last_eval: Dict[str, float] = {}
     last_train: Dict[str, float] = {}
     data = _batches(shard, spec, task, epoch)
@@ -256,20 +248,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         metrics.update(last_eval)
         metrics.update(last_train)
         checkpoint = None
-        if rank == 0:
-            # write into our own folder first (tmp name, then rename: a crash never leaves half a
-            # checkpoint that looks complete), then hand the same directory to Ray Train
-            path = os.path.join(own_root, f"step_{step:08d}")
-            tmp = path + ".tmp"
-            save_checkpoint(tmp, model=base, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler, step=step,
-                            epoch=epoch, data_position={"epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                            spec=spec.to_dict(), extra={"data_info": info.to_dict()})
-            if os.path.exists(path):
-                import shutil
-
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            prune_checkpoints(own_root, spec.keep_checkpoints)
+        if rank == 0:  # our own folder first, then the same directory is handed to Ray Train
+            path = commit_checkpoint(own_root, spec.keep_checkpoints, model=base, ema=ema, optimizer=opt,
+                                     scheduler=sched, scaler=scaler, step=step, epoch=epoch,
+                                     data_position={"epoch": epoch, "batches_in_epoch": batches_in_epoch},
+                                     spec=spec.to_dict(), extra={"data_info": info.to_dict()})
             checkpoint = Checkpoint.from_directory(path)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -285,8 +268,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         lr_used = opt.param_groups[0]["lr"]
         loss_value, grad_norm = optimizer_step(model, base, task, micro_batches, opt, scaler, amp, spec.optim.grad_clip_norm)
-        window["loss"] += loss_value * len(micro_batches)
-        window["micro"] += len(micro_batches)
+        window["loss"] += loss_value
         window["samples"] += sum(len(next(iter(b.values()))) for b in micro_batches)
         sched.step()
         if ema is not None:
@@ -304,7 +286,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             dt = time.perf_counter() - window["t0"]
             sps = window["samples"] * world / max(dt, 1e-9)
             m = {
-                "train_loss": window["loss"] / max(window["micro"], 1),
+                "train_loss": window["loss"] / max(window["steps"], 1),
                 "lr": lr_used,
                 "grad_norm": window["grad_norm"] / max(window["steps"], 1),
                 "samples_per_s": sps,
@@ -319,7 +301,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             last_train.update(m)
             for k, v in m.items():
                 history.setdefault(k, []).append((step, v))
-            window = {"loss": 0.0, "micro": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
+            window = new_window()
 
         if step % spec.eval_every_n_steps == 0 and step < spec.steps:
             run_eval()
@@ -328,7 +310,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     run_eval(final=True)
     report()
 
-    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "final_metrics": dict(last_eval),
+    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from,
                               "val_history": {k: v for k, v in history.items() if k.startswith("val_")}}
     if rank == 0:
         final = ema.module if ema is not None else base
@@ -337,7 +319,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         if text:
             tracker.log_text(text, "samples.txt")
             result["samples"] = text
-        logged = track.log_final_model(tracker, final, spec=spec, info=info, task=task)
+        logged = track.log_final_model(tracker, final, spec=spec, info=info, task=task,
+                                       overrides=model_overrides(spec, task, info))
         if logged:
             result.update(logged)
     return result

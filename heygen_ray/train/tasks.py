@@ -7,7 +7,7 @@ accumulates metrics as sums that can be all-reduced across workers before they a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

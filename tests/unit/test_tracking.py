@@ -204,7 +204,7 @@ def test_tracker_run_has_what_was_logged(tmp_path, run_dir, monkeypatch):
 
 
 def test_importing_tracking_imports_neither_mlflow_nor_torch():
-    code = ("import sys, heygen_ray.tracking, heygen_ray._mlflow_pyfunc; "
+    code = ("import sys, heygen_ray.tracking, heygen_ray.tracking.pyfunc; "
             "print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

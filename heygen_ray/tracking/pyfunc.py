@@ -5,11 +5,11 @@ when the model is saved and loaded; it then picks up the object passed to `set_m
 is cloudpickled: the wrapper rebuilds the model from the logged `model.json` (registry name +
 overrides) and its `model.safetensors` weights, through `heygen_ray.tracking`.
 
-Imported as `heygen_ray._mlflow_pyfunc` (for instance by a tool that imports every module of the
+Imported as `heygen_ray.tracking.pyfunc` (for instance by a tool that imports every module of the
 package) it does nothing: no mlflow import, no registration.
 """
 
-_PACKAGE_MODULE_NAME = "heygen_ray._mlflow_pyfunc"
+_PACKAGE_MODULE_NAME = "heygen_ray.tracking.pyfunc"
 
 
 def _make_python_model():
@@ -19,7 +19,7 @@ def _make_python_model():
 
     class HeygenRayPyfunc(PythonModel):
         def load_context(self, context):
-            from heygen_ray.tracking import _load_from_files
+            from heygen_ray.tracking.models import _load_from_files
 
             self.model, self.config = _load_from_files(
                 context.artifacts["config"], context.artifacts["weights"], map_location="cpu"
@@ -29,7 +29,7 @@ def _make_python_model():
         # type_hints_no_signature_inference): the tensor signature is logged explicitly, and a
         # multi-input model receives a dict of arrays keyed by input name.
         def predict(self, context, model_input: np.ndarray, params=None):
-            from heygen_ray.tracking import _predict_numpy
+            from heygen_ray.tracking.models import _predict_numpy
 
             return _predict_numpy(self.model, model_input)
 
