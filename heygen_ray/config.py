@@ -458,12 +458,35 @@ class EMASpec(Spec):
 
 
 class VideoLossSpec(Spec):
-    """Weights of VideoGenerationLoss (text_to_video)."""
+    """Weights of VideoGenerationLoss (text_to_video). ``adversarial_loss_weight > 0`` turns the GAN on:
+    a 3D PatchGAN discriminator (``discriminator`` section) trained in the same loop."""
 
     pixel_loss_weight: float = Field(default=1.0, ge=0.0)
     perceptual_loss_weight: float = Field(default=0.2, ge=0.0)
     temporal_consistency_weight: float = Field(default=0.5, ge=0.0)
+    frequency_loss_weight: float = Field(default=0.0, ge=0.0)
+    adversarial_loss_weight: float = Field(default=0.0, ge=0.0)
+    adversarial_start_step: int = Field(default=0, ge=0, description="generator's adversarial term from this step on")
     pixel_loss: Literal["l1", "mse"] = "l1"
+
+
+class DiscriminatorSpec(Spec):
+    """The GAN discriminator of text_to_video: its size, and an optimizer and schedule of its own
+    (Adam with beta1=0.5 and no weight decay, as is usual for hinge GANs)."""
+
+    base_channels: int = Field(default=32, ge=1)
+    num_layers: int = Field(default=3, ge=1, le=6)
+    temporal_downsample_layers: int = Field(default=1, ge=0)
+    optim: OptimSpec = Field(default_factory=lambda: OptimSpec(lr=2e-4, weight_decay=0.0, beta1=0.5, beta2=0.99))
+    schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec(kind="constant"))
+
+
+class MatchingLossSpec(Spec):
+    """video_text_matching: contrastive (InfoNCE over the batch, both directions, duplicate captions
+    as shared positives) plus the fused match head's binary cross-entropy on hard negatives."""
+
+    contrastive_weight: float = Field(default=1.0, ge=0.0)
+    match_weight: float = Field(default=1.0, ge=0.0)
 
 
 class ScalingSpec(Spec):
@@ -484,7 +507,7 @@ class TrainSpec(Spec):
     """One training job: a task, a model, the data, the optimisation and where it all goes."""
 
     name: str = Field(default="train", pattern=r"^[A-Za-z0-9_.-]+$", description="run name; re-running a name resumes it")
-    task: Literal["video_classification", "language_modeling", "text_to_video"] = "video_classification"
+    task: Literal["video_classification", "language_modeling", "text_to_video", "video_text_matching"] = "video_classification"
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     steps: int = Field(default=200, ge=1, description="optimizer steps")
@@ -497,6 +520,8 @@ class TrainSpec(Spec):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     ema: EMASpec = Field(default_factory=EMASpec)
     loss: VideoLossSpec = Field(default_factory=VideoLossSpec)
+    discriminator: DiscriminatorSpec = Field(default_factory=DiscriminatorSpec)
+    matching_loss: MatchingLossSpec = Field(default_factory=MatchingLossSpec)
     log_every_n_steps: int = Field(default=10, ge=1)
     eval_every_n_steps: int = Field(default=100, ge=1)
     checkpoint_every_n_steps: int = Field(default=100, ge=1)
@@ -513,6 +538,10 @@ class TrainSpec(Spec):
     def _check(self) -> "TrainSpec":
         if self.schedule.warmup_steps >= self.steps:
             raise ValueError(f"schedule.warmup_steps={self.schedule.warmup_steps} must be < steps={self.steps}")
+        if self.loss.adversarial_loss_weight > 0 and self.task != "text_to_video":
+            raise ValueError(f"loss.adversarial_loss_weight applies to task text_to_video, not {self.task!r}")
+        if self.discriminator.schedule.warmup_steps >= self.steps:
+            raise ValueError(f"discriminator.schedule.warmup_steps={self.discriminator.schedule.warmup_steps} must be < steps={self.steps}")
         if self.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("precision='fp16' needs scaling.use_gpu=true (CPU autocast is bf16); use 'bf16' or 'fp32'")
         return self

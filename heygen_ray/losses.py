@@ -231,6 +231,33 @@ class VideoGenerationLoss(nn.Module):
         return loss, {"discriminator": loss.detach(), "real_logits": real.mean().detach(), "fake_logits": fake.mean().detach()}
 
 
+# -- video-text matching -----------------------------------------------------------------------
+def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with shared positives: logits (N_text, N_video) = scale * cosine, positives
+    (N_text, N_video) bool (duplicate captions make several columns right for one row).
+
+    Each direction is the cross-entropy against the uniform distribution over that row's positives
+    (CLIP's loss when positives is the identity); the result is the mean of both directions."""
+    pos = positives.to(logits.dtype)
+    if not pos.is_meta and (bool((pos.sum(1) == 0).any()) or bool((pos.sum(0) == 0).any())):
+        raise ValueError("every caption and every clip needs at least one positive")
+    logits = logits.float()
+    t2v = -(F.log_softmax(logits, dim=1) * (pos / pos.sum(1, keepdim=True))).sum(1).mean()
+    v2t = -(F.log_softmax(logits, dim=0) * (pos / pos.sum(0, keepdim=True))).sum(0).mean()
+    return 0.5 * (t2v + v2t)
+
+
+def match_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor,
+               negative_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy of a match head, positives -> 1 and negatives -> 0, as the mean of the two
+    classes' means (there are two negatives per positive: a plain mean would reward "never matches").
+    Invalid negatives (a batch holding one caption only has none) are left out."""
+    pos = F.binary_cross_entropy_with_logits(positive_logits.float(), torch.ones_like(positive_logits, dtype=torch.float32))
+    w = torch.ones_like(negative_logits, dtype=torch.float32) if negative_valid is None else negative_valid.float()
+    neg = (F.binary_cross_entropy_with_logits(negative_logits.float(), torch.zeros_like(w), reduction="none") * w).sum()
+    return 0.5 * (pos + neg / w.sum().clamp_min(1.0))
+
+
 # -- distillation --------------------------------------------------------------------------------
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -312,12 +339,14 @@ __all__ = [
     "DistillationLoss",
     "PatchDiscriminator3D",
     "VideoGenerationLoss",
+    "contrastive_loss",
     "discriminator_hinge_loss",
     "frequency_loss",
     "gaussian_window",
     "generator_hinge_loss",
     "image_gradient_loss",
     "kd_loss",
+    "match_loss",
     "psnr",
     "ssim",
     "temporal_consistency_loss",

@@ -13,7 +13,6 @@ background, noise and distractors vary as nuisances. Layout under ``output_dir``
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from heygen_ray import fsutil
 from heygen_ray.config import COLORS, SPEEDS, SynthSpec
+from heygen_ray.data.media import encode_mp4  # noqa: F401  (also re-exported here)
 
 log = logging.getLogger(__name__)
 
@@ -161,28 +161,6 @@ def render_clip(p: ClipParams, frames: int, height: int, width: int, seed: int =
             img += rng.normal(0.0, p.noise_std * 255.0, size=img.shape).astype(np.float32)
         out[t] = np.clip(img, 0, 255).astype(np.uint8)
     return out
-
-
-def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1) -> bytes:
-    """uint8 (T, H, W, 3) -> H.264 (libx264, yuv420p) mp4 bytes. Deterministic for the same input."""
-    import av
-
-    T, H, W, _ = frames.shape
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.codec_context.thread_count = threads
-        # mbtree=0: with macroblock-tree rate control this libx264 build gave different bytes for the
-        # same frames from one run to the next (measured); without it the output is bit-exact.
-        stream.options = {"crf": str(crf), "preset": "medium", "tune": "animation", "x264-params": "mbtree=0"}
-        for t in range(T):
-            frame = av.VideoFrame.from_ndarray(frames[t], format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def describe(p: ClipParams, variant: int, width: int, height: int) -> str:

@@ -5,19 +5,25 @@ training, EMA, checkpoints and logging treat them like any other model).
 The fusion lets caption tokens attend to a small set of learned "video prior" tokens before they
 condition the generator. forward(input_ids, attention_mask) -> video (B, C, T, H, W) in [-1, 1].
 
+`VideoTextMatching`: VideoTransformerEncoder + TextProcessor, each projected to a shared unit-norm
+embedding for contrastive retrieval, and MultimodalFusion (caption tokens cross-attending to video
+tokens) with a one-logit match head that scores a (caption, clip) pair.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from typing import Any, Dict, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from heygen_ray.models.base import ModelBase, build, random_token_inputs
+from heygen_ray.models.base import ModelBase, build, masked_mean, random_token_inputs, random_video
 from heygen_ray.models.fusion import MultimodalFusion
 from heygen_ray.models.generator import VideoGenerator
 from heygen_ray.models.text import TextProcessor
+from heygen_ray.models.video import VideoTransformerEncoder
 from heygen_ray.registry import MODELS
 
 
@@ -102,3 +108,160 @@ def text_to_video_base(**overrides: Any) -> TextToVideo:
     return build(TextToVideo, overrides, vocab_size=50000, max_sequence_length=512, text_dimensions=768, text_layers=12,
                  fusion_dimensions=512, fusion_layers=6, generator_dimensions=768, generator_layers=12,
                  num_attention_heads=12, video_height=224, video_width=224, max_frames=16, patch_size=16, tubelet_size=2)
+
+
+def same_caption(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, L) token ids -> (B, B) bool: True where two rows hold the same caption (padding ignored).
+    Duplicate captions are shared positives for contrastive training and retrieval."""
+    ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), -1)
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)
+
+
+def hardest_negatives(similarity: torch.Tensor, positives: torch.Tensor, sample: bool = False) -> tuple:
+    """For each row, a column that is not a positive -> (index (B,), valid (B,) bool; False when every
+    column is a positive). The most similar one, or with ``sample`` one drawn with probability
+    softmax(similarity) over the negatives (ALBEF's hard-negative mining: the very hardest are often
+    near-duplicates, e.g. the same scene at another speed)."""
+    masked = similarity.detach().float().masked_fill(positives, float("-inf"))
+    if sample:  # Gumbel-max: argmax(x + Gumbel noise) is a draw from softmax(x)
+        u = torch.rand_like(masked).clamp_(1e-9, 1.0 - 1e-9)
+        masked = masked - torch.log(-torch.log(u))
+    index = masked.argmax(dim=1)
+    valid = ~positives.all(dim=1)
+    return index, valid
+
+
+class VideoTextMatching(ModelBase):
+    """Does a caption describe a clip? Two scores per (video_i, caption_i) pair.
+
+    forward(video, input_ids, attention_mask) -> (B, 2): [:, 0] the fused match logit (caption
+    tokens cross-attend to video tokens; > 0 means "matches"), [:, 1] the scaled cosine similarity of
+    the two embeddings (the retrieval score). ``outputs="all"`` (training) returns a dict with the
+    unit embeddings, the logit scale and the match logits of positive pairs and of the hardest
+    in-batch negatives, so that DDP sees every parameter in one forward.
+    """
+
+    input_names = ("video", "input_ids", "attention_mask")
+
+    def __init__(
+        self,
+        vocab_size: int = 512,
+        max_sequence_length: int = 32,
+        text_dimensions: int = 64,
+        text_layers: int = 2,
+        num_frames: int = 8,
+        image_size: int = 32,
+        patch_size: int = 8,
+        tubelet_size: int = 2,
+        video_dimensions: int = 64,
+        video_layers: int = 2,
+        fusion_dimensions: int = 64,
+        fusion_layers: int = 1,
+        fusion_type: str = "cross_attention",
+        embedding_dimensions: int = 64,
+        num_attention_heads: int = 2,
+        in_channels: int = 3,
+        temperature: float = 0.07,
+        dropout_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.max_sequence_length = max_sequence_length
+        self.video = VideoTransformerEncoder(num_frames=num_frames, image_size=image_size, in_channels=in_channels,
+                                             patch_size=patch_size, tubelet_size=tubelet_size,
+                                             embedding_dimensions=video_dimensions, num_layers=video_layers,
+                                             num_attention_heads=num_attention_heads, dropout_rate=dropout_rate,
+                                             num_classes=0)
+        self.text = TextProcessor(vocab_size=vocab_size, hidden_dimensions=text_dimensions, num_layers=text_layers,
+                                  num_attention_heads=num_attention_heads, max_sequence_length=max_sequence_length,
+                                  dropout_rate=dropout_rate)
+        self.video_embed = nn.Linear(video_dimensions, embedding_dimensions)
+        self.text_embed = nn.Linear(text_dimensions, embedding_dimensions)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))  # CLIP's learned temperature
+        self.fusion = MultimodalFusion(text_dimensions=text_dimensions, video_dimensions=video_dimensions,
+                                       hidden_dimensions=fusion_dimensions, num_layers=fusion_layers,
+                                       fusion_type=fusion_type, num_attention_heads=num_attention_heads,
+                                       dropout_rate=dropout_rate, num_classes=0)
+        # the match head reads the fused caption (cross attention over the clip) and the element-wise
+        # product of the two embeddings (a direct view of their agreement, which the cross attention,
+        # starting near zero, takes long to learn on its own)
+        self.match_head = nn.Linear(fusion_dimensions + embedding_dimensions, 1)
+        self.num_classes, self.num_features = 2, embedding_dimensions
+
+    def encode(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """-> video tokens (B, N, Dv), text tokens (B, L, Dt), unit embeddings (B, E) x 2."""
+        v_tokens = self.video.forward_features(video)
+        t_tokens = self.text.forward_features(input_ids, attention_mask)
+        v = F.normalize(self.video_embed(v_tokens.mean(dim=1)), dim=-1)
+        t = F.normalize(self.text_embed(masked_mean(t_tokens, attention_mask)), dim=-1)
+        return v_tokens, t_tokens, v, t
+
+    def match(self, t_tokens: torch.Tensor, v_tokens: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
+              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Match logit (B,) of each (caption, clip) pair: tokens (B, L, Dt) / (B, N, Dv), embeddings (B, E)."""
+        fused = self.fusion(t_tokens, v_tokens, attention_mask)  # (B, Df) masked mean of the fused caption
+        return self.match_head(torch.cat([fused, t * v], dim=-1)).squeeze(-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def forward_features(self, video: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _, _, v, t = self.encode(video, input_ids, attention_mask)
+        return torch.stack([v, t], dim=1)  # (B, 2, E)
+
+    def forward_head(self, features, attention_mask=None, pre_logits: bool = False) -> torch.Tensor:
+        if pre_logits:
+            return features.mean(dim=1)  # (B, E)
+        return (features[:, 0] * features[:, 1]).sum(-1, keepdim=True) * self.scale()
+
+    def forward(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                outputs: str = "scores") -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        v_tokens, t_tokens, v, t = self.encode(video, input_ids, attention_mask)
+        scale = self.scale()
+        if outputs == "scores":
+            cosine = (v * t).sum(-1) * scale
+            return torch.stack([self.match(t_tokens, v_tokens, t, v, attention_mask), cosine], dim=-1)  # (B, 2)
+        if outputs != "all":
+            raise ValueError(f"outputs must be 'scores' or 'all', got {outputs!r}")
+        b = video.shape[0]
+        positives = same_caption(input_ids, attention_mask)  # (B, B)
+        sim = (t @ v.t()) * scale  # (B_text, B_video)
+        neg_video, valid_video = hardest_negatives(sim, positives, self.training)  # per caption: a wrong clip
+        neg_text, valid_text = hardest_negatives(sim.t(), positives, self.training)  # per clip: a wrong caption
+        # one fused pass over B positive + 2B negative pairs
+        mask = attention_mask
+        t_all = torch.cat([t_tokens, t_tokens, t_tokens[neg_text]], dim=0)
+        v_all = torch.cat([v_tokens, v_tokens[neg_video], v_tokens], dim=0)
+        e_t = torch.cat([t, t, t[neg_text]], dim=0)
+        e_v = torch.cat([v, v[neg_video], v], dim=0)
+        m_all = None if mask is None else torch.cat([mask, mask, mask[neg_text]], dim=0)
+        logits = self.match(t_all, v_all, e_t, e_v, m_all)
+        return {"video_embeddings": v, "text_embeddings": t, "logit_scale": scale, "positives": positives,
+                "match_positive": logits[:b], "match_negative": logits[b:],
+                "negative_valid": torch.cat([valid_video, valid_text])}
+
+    def get_classifier(self) -> nn.Module:
+        return self.match_head
+
+    def reset_classifier(self, num_outputs: int) -> None:
+        raise NotImplementedError("VideoTextMatching has fixed heads (a match logit and an embedding)")
+
+    def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        tokens = random_token_inputs(batch_size, min(16, self.max_sequence_length), self.text.vocab_size, self._device())
+        shape = (batch_size, self.video.in_channels, self.video.num_frames, self.video.image_size, self.video.image_size)
+        return {"video": random_video(shape, self._device()), **tokens}
+
+
+@MODELS.register("video_text_matching_micro")
+def video_text_matching_micro(**overrides: Any) -> VideoTextMatching:
+    """Tiny matcher for 8 x 32 x 32 clips: video transformer 64 x 2 (tubelet 2 x 8 x 8), text 64 x 2,
+    cross-attention fusion 64 x 1, 64-d shared embedding."""
+    return build(VideoTextMatching, overrides)
+
+
+@MODELS.register("video_text_matching_base")
+def video_text_matching_base(**overrides: Any) -> VideoTextMatching:
+    """The design's sizes: video transformer 768 x 12 on 16 x 224 x 224, text 768 x 12, fusion 768 x 6, 512-d embedding."""
+    return build(VideoTextMatching, overrides, vocab_size=50000, max_sequence_length=512, text_dimensions=768,
+                 text_layers=12, num_frames=16, image_size=224, patch_size=16, video_dimensions=768, video_layers=12,
+                 fusion_dimensions=768, fusion_layers=6, embedding_dimensions=512, num_attention_heads=12)

@@ -74,7 +74,7 @@ def prepare_data(spec: TrainSpec, task: Task) -> Tuple[Dict[str, Any], DataInfo]
         return datasets, info
     from heygen_ray.data.text import TextPipeline
 
-    if spec.task == "text_to_video":
+    if spec.task in ("text_to_video", "video_text_matching"):  # clips with tokenized captions
         from heygen_ray.data.video import VideoPipeline
 
         pipe = VideoPipeline.from_spec(data.video)
@@ -93,7 +93,8 @@ def prepare_data(spec: TrainSpec, task: Task) -> Tuple[Dict[str, Any], DataInfo]
             clips = pipe.dataset(split, columns=["video", "caption"], cache=False)
             ds = text.add_caption_tokens(clips, drop_caption=True)
             datasets[split] = ds.materialize() if data.video.cache else ds
-        info.mean_clip = mean_clip(datasets["train"])
+        if spec.task == "text_to_video":
+            info.mean_clip = mean_clip(datasets["train"])
         return datasets, info
 
     text = TextPipeline.from_spec(data.text)
@@ -131,7 +132,7 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
     try:
         with torch.device("meta"):
             model = build_model(spec, task, info)
-            task.loss(model(**inputs), targets)
+            task.loss(model(**inputs, **task.forward_kwargs), targets)
     except UnknownArgumentError as err:
         raise ConfigError(f"model.overrides: {err}") from None
     except (RuntimeError, ValueError, AssertionError) as err:

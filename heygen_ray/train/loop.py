@@ -55,7 +55,12 @@ def build_model(spec: TrainSpec, task: Task, info: DataInfo) -> nn.Module:
 
 
 def task_for(spec: TrainSpec) -> Task:
-    return get_task(spec.task, spec.loss.to_dict() if spec.task == "text_to_video" else None)
+    """The task with the spec's loss settings (the discriminator, when the GAN is on, is built here)."""
+    if spec.task == "text_to_video":
+        return get_task(spec.task, loss_weights=spec.loss.to_dict(), discriminator=spec.discriminator.to_dict())
+    if spec.task == "video_text_matching":
+        return get_task(spec.task, **spec.matching_loss.to_dict())
+    return get_task(spec.task)
 
 
 def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
@@ -75,14 +80,18 @@ def _memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, task: Task, info: DataInfo, device: torch.device, amp) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+def evaluate(model: nn.Module, batches, task: Task, info: DataInfo, device: torch.device, amp,
+             first: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    """Metrics over ``batches``; an empty ``first`` dict receives the first batch (kept for samples)."""
     model.eval()
     state = task.new_metrics(info)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        if first is not None and not first:
+            first.update(batch)
         inputs, targets = task.inputs(batch)
         with amp():
-            out = model(**inputs)
+            out = model(**inputs, **task.forward_kwargs)
         task.update_metrics(state, out, targets)
     model.train()
     return task.compute_metrics(state), state
@@ -103,17 +112,19 @@ def _batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[T
         epoch += 1
 
 
-def schedule_at(opt: torch.optim.Optimizer, spec: TrainSpec, step: int):
+def schedule_at(opt: torch.optim.Optimizer, spec: TrainSpec, step: int, optim: Any = None, schedule: Any = None):
     """A fresh scheduler for the current spec, advanced to ``step``. The LR is a function of the step
     and the plan, so a resumed job that extends ``steps`` follows its new plan (a restored scheduler
-    state would keep the old horizon)."""
+    state would keep the old horizon). ``optim``/``schedule``: another optimizer's sections (the
+    discriminator's); default the model's."""
     import warnings
 
+    optim, schedule = optim or spec.optim, schedule or spec.schedule
     for group in opt.param_groups:
-        group["lr"] = spec.optim.lr
+        group["lr"] = optim.lr
         group.pop("initial_lr", None)
-    sched = build_scheduler(opt, kind=spec.schedule.kind, total_steps=spec.steps, warmup_steps=spec.schedule.warmup_steps,
-                            warmup_start_factor=spec.schedule.warmup_start_factor, min_lr_ratio=spec.schedule.min_lr_ratio)
+    sched = build_scheduler(opt, kind=schedule.kind, total_steps=spec.steps, warmup_steps=schedule.warmup_steps,
+                            warmup_start_factor=schedule.warmup_start_factor, min_lr_ratio=schedule.min_lr_ratio)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
         for _ in range(step):
@@ -122,12 +133,15 @@ def schedule_at(opt: torch.optim.Optimizer, spec: TrainSpec, step: int):
 
 
 def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches: List[Dict[str, torch.Tensor]],
-                   opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float]) -> Tuple[float, float]:
+                   opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float], *, step: Optional[int] = None,
+                   collect: Optional[List[Tuple[Any, torch.Tensor]]] = None) -> Tuple[float, float]:
     """One optimizer step over ``len(micro_batches)`` accumulated micro-batches.
 
     Each micro-loss is divided by the number of micro-batches, so the update equals the one of a
     single batch k times larger; under DDP the gradient all-reduce runs only on the last micro-batch
-    (``no_sync`` on the others). Returns (mean micro-batch loss, gradient norm before clipping).
+    (``no_sync`` on the others). ``collect`` receives each micro-batch's (detached output, targets)
+    (a GAN's discriminator step reuses them). Returns (mean micro-batch loss, gradient norm before
+    clipping).
     """
     k = len(micro_batches)
     total = 0.0
@@ -137,9 +151,11 @@ def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches:
         sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync:
             with amp():
-                out = model(**inputs)
-            loss = task.loss(out, targets) / k
+                out = model(**inputs, **task.forward_kwargs)
+            loss = task.loss(out, targets, step=step) / k
             scaler.scale(loss).backward()
+        if collect is not None:
+            collect.append((out.detach(), targets))
         total += float(loss.detach()) * k
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), clip_norm or float("inf"))
@@ -147,6 +163,42 @@ def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches:
     scaler.update()
     opt.zero_grad(set_to_none=True)
     return total / k, float(grad_norm)
+
+
+@contextlib.contextmanager
+def frozen(module: Optional[nn.Module]):
+    """No gradients into ``module``'s parameters inside the block (the discriminator during the
+    generator's step: its weights must not move, and under DDP no gradient hook may fire)."""
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def discriminator_step(d_model: nn.Module, d_base: nn.Module, task: Task, pairs: List[Tuple[torch.Tensor, torch.Tensor]],
+                       opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float]) -> Dict[str, float]:
+    """One discriminator update on the generator's (detached output, real clip) pairs of this step,
+    accumulated like :func:`optimizer_step`. Returns the mean hinge loss, logits and gradient norm."""
+    k = len(pairs)
+    sums: Dict[str, float] = {}
+    for i, (fake, real) in enumerate(pairs):
+        sync = d_model.no_sync() if (i < k - 1 and hasattr(d_model, "no_sync")) else contextlib.nullcontext()
+        with sync:
+            with amp():
+                loss, parts = task.discriminator_loss(fake, real, d_model)
+            scaler.scale(loss / k).backward()
+        for name, v in parts.items():
+            sums[name] = sums.get(name, 0.0) + float(v) / k
+    scaler.unscale_(opt)
+    sums["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(d_base.parameters(), clip_norm or float("inf")))
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return sums
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -174,6 +226,15 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     sched = schedule_at(opt, spec, 0)
     use_fp16 = spec.precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+    # GAN: the discriminator (built by the task) has its own optimizer, schedule and grad scaler
+    disc = task.discriminator.to(device) if task.discriminator is not None else None
+    d_opt = d_sched = d_scaler = None
+    if disc is not None:
+        d_spec = spec.discriminator
+        d_opt = torch.optim.AdamW(param_groups(disc, d_spec.optim.weight_decay), lr=d_spec.optim.lr,
+                                  betas=(d_spec.optim.beta1, d_spec.optim.beta2), eps=d_spec.optim.eps)
+        d_sched = schedule_at(d_opt, spec, 0, d_spec.optim, d_spec.schedule)
+        d_scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
 
     def amp():
@@ -186,7 +247,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     own_root = os.path.join(config["run_dir"], "checkpoints")
     own = latest_checkpoint(own_root)
     own_step = read_meta(own).step if own is not None else -1
-    parts = dict(model=model, ema=ema, optimizer=opt, scaler=scaler)
+    parts: Dict[str, Any] = dict(model=model, ema=ema, optimizer=opt, scaler=scaler)
+    if disc is not None:
+        parts.update(modules={"discriminator": disc},
+                     optimizers={"discriminator_optimizer": d_opt, "discriminator_scaler": d_scaler})
     meta, source = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -199,10 +263,12 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         step, epoch, resumed_from = meta.step, int(meta.data_position.get("epoch", 0)), meta.step
         log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
         sched = schedule_at(opt, spec, step)
-        log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
+        if disc is not None:
+            d_sched = schedule_at(d_opt, spec, step, spec.discriminator.optim, spec.discriminator.schedule)
 
     base = model
     model = ray.train.torch.prepare_model(model)
+    d_model = ray.train.torch.prepare_model(disc) if disc is not None else None
     if spec.compile:
         model = torch.compile(model)
     tracker = track.attach(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
@@ -225,13 +291,15 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     batches_in_epoch = 0
     model.train()
 
+    media_batch: Dict[str, torch.Tensor] = {}  # filled by the first evaluation
+
     def run_eval(final: bool = False) -> None:
         """Rank 0 only (no collective): exact metrics on the unsplit validation set, raw and EMA."""
         nonlocal last_eval
         if val_shard is None or rank != 0:
             return
         batches = lambda: val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes))  # noqa: E731
-        raw, state = evaluate(base, batches(), task, info, device, amp)
+        raw, state = evaluate(base, batches(), task, info, device, amp, first=media_batch)
         last_eval = {f"val_{k}": v for k, v in raw.items()}
         if ema is not None:
             em, state = evaluate(ema.module, batches(), task, info, device, amp)
@@ -241,6 +309,27 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             history.setdefault(k, []).append((step, v))
         if final and "confusion" in state:
             tracker.log_confusion_matrix(state["confusion"].tolist(), info.label_names, "confusion_matrix")
+        log_media()
+
+    def log_media() -> None:
+        """Rank 0: what the model (EMA when on) makes of a fixed set of validation examples, as files in
+        <run_dir>/samples/step_XXXXXXXX/ and the MLflow artifacts samples/step_XXXXXXXX/."""
+        if type(task).media is Task.media or not media_batch:
+            return
+        n = getattr(task, "MEDIA_SAMPLES", 4)  # the first validation rows, the same at every evaluation
+        fixed = {k: v[:n] for k, v in media_batch.items()}
+        files = task.media(ema.module if ema is not None else base, fixed, info)
+        if not files:
+            return
+        folder = os.path.join(config["run_dir"], "samples", f"step_{step:08d}")
+        os.makedirs(folder, exist_ok=True)
+        for name, data in files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        tracker.log_artifact(folder, f"samples/step_{step:08d}")
+        media_dirs.append(folder)
+
+    media_dirs: List[str] = []
 
     def report() -> None:
         """Every rank (a barrier): metrics, and rank 0's checkpoint."""
@@ -249,8 +338,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         metrics.update(last_train)
         checkpoint = None
         if rank == 0:  # our own folder first, then the same directory is handed to Ray Train
+            gan = {} if disc is None else dict(modules={"discriminator": disc},
+                                               optimizers={"discriminator_optimizer": d_opt, "discriminator_scaler": d_scaler})
             path = commit_checkpoint(own_root, spec.keep_checkpoints, model=base, ema=ema, optimizer=opt,
-                                     scheduler=sched, scaler=scaler, step=step, epoch=epoch,
+                                     scheduler=sched, scaler=scaler, step=step, epoch=epoch, **gan,
                                      data_position={"epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                      spec=spec.to_dict(), extra={"data_info": info.to_dict()})
             checkpoint = Checkpoint.from_directory(path)
@@ -267,10 +358,19 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             batches_in_epoch += 1
             micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         lr_used = opt.param_groups[0]["lr"]
-        loss_value, grad_norm = optimizer_step(model, base, task, micro_batches, opt, scaler, amp, spec.optim.grad_clip_norm)
+        pairs: Optional[List[Tuple[Any, torch.Tensor]]] = [] if disc is not None else None
+        with frozen(disc):  # the generator's adversarial term reaches D: no gradients there
+            loss_value, grad_norm = optimizer_step(model, base, task, micro_batches, opt, scaler, amp,
+                                                   spec.optim.grad_clip_norm, step=step, collect=pairs)
         window["loss"] += loss_value
         window["samples"] += sum(len(next(iter(b.values()))) for b in micro_batches)
         sched.step()
+        if disc is not None:  # alternating: then the discriminator, on this step's generated clips
+            d_stats = discriminator_step(d_model, disc, task, pairs, d_opt, d_scaler, amp, spec.discriminator.optim.grad_clip_norm)
+            d_stats["d_lr"] = d_opt.param_groups[0]["lr"]
+            d_sched.step()
+            for name, v in d_stats.items():
+                window[name] = window.get(name, 0.0) + v
         if ema is not None:
             ema.update_parameters(base)
         step += 1
@@ -294,6 +394,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
                 "data_wait_share": window["wait"] / max(dt, 1e-9),
                 "memory_mb": _memory_mb(device),
             }
+            for name in ("d_loss", "d_real", "d_fake", "d_grad_norm", "d_lr"):
+                if name in window:
+                    m[name] = window[name] / max(window["steps"], 1)
             if peak > 0:
                 m["mfu"] = 3.0 * flops * (sps / world) / peak  # fwd + bwd ~ 3x forward FLOPs, per worker
             tracker.log_metrics(m, step)
@@ -312,6 +415,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
 
     result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from,
                               "val_history": {k: v for k, v in history.items() if k.startswith("val_")}}
+    if media_dirs:
+        result["samples_dirs"] = media_dirs
     if rank == 0:
         final = ema.module if ema is not None else base
         tracker.log_curve_plot(history, "curves")

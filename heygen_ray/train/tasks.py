@@ -44,6 +44,8 @@ class Task:
     dtypes: Dict[str, torch.dtype] = {}
     primary_metric: str = ""
     primary_mode: str = "max"
+    forward_kwargs: Dict[str, Any] = {}  # extra keyword arguments of the training/eval forward
+    discriminator: Optional[torch.nn.Module] = None  # a GAN task's discriminator (trained by the loop)
 
     def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
         """Overrides the data dictates (classes, vocabulary); the YAML's overrides win over none of these."""
@@ -55,7 +57,7 @@ class Task:
     def inputs(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: Any, targets: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
     def new_metrics(self, info: DataInfo) -> Dict[str, torch.Tensor]:
@@ -74,6 +76,11 @@ class Task:
     def samples(self, model: torch.nn.Module, info: DataInfo) -> Optional[str]:
         """A text artifact showing what the model does (None when the task has none)."""
         return None
+
+    def media(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor], info: DataInfo) -> Dict[str, bytes]:
+        """Files showing what the model makes of a fixed validation ``batch`` ({name: bytes}; empty
+        when the task has none)."""
+        return {}
 
 
 @TASKS.register("video_classification")
@@ -95,7 +102,7 @@ class VideoClassification(Task):
 
         return {"video": video_to_float(batch["video"])}, batch["label"]
 
-    def loss(self, outputs, targets):
+    def loss(self, outputs, targets, step=None):
         return F.cross_entropy(outputs.float(), targets)
 
     def new_metrics(self, info):
@@ -142,7 +149,7 @@ class LanguageModeling(Task):
     def inputs(self, batch):
         return {"input_ids": batch["input_ids"]}, batch["labels"]
 
-    def loss(self, outputs, targets):
+    def loss(self, outputs, targets, step=None):
         return F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten())
 
     def new_metrics(self, info):
@@ -205,10 +212,19 @@ class TextToVideoTask(Task):
     dtypes = {"video": torch.uint8, "caption_ids": torch.int64, "caption_mask": torch.bool}
     primary_metric = "psnr"
 
-    def __init__(self, loss_weights: Optional[Dict[str, float]] = None) -> None:
-        from heygen_ray.losses import VideoGenerationLoss
+    MEDIA_SAMPLES = 4  # validation captions rendered at each evaluation
 
-        self.criterion = VideoGenerationLoss(**(loss_weights or {}))
+    def __init__(self, loss_weights: Optional[Dict[str, Any]] = None, discriminator: Optional[Dict[str, Any]] = None) -> None:
+        from heygen_ray.losses import PatchDiscriminator3D, VideoGenerationLoss
+
+        weights = dict(loss_weights or {})
+        disc = None
+        if weights.get("adversarial_loss_weight", 0.0) > 0:
+            d = discriminator or {}
+            disc = PatchDiscriminator3D(base_channels=d.get("base_channels", 32), num_layers=d.get("num_layers", 3),
+                                        temporal_downsample_layers=d.get("temporal_downsample_layers", 1))
+        self.criterion = VideoGenerationLoss(**weights, discriminator=disc)
+        self.discriminator = disc
 
     def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -228,8 +244,18 @@ class TextToVideoTask(Task):
 
         return {"input_ids": batch["caption_ids"], "attention_mask": batch["caption_mask"]}, video_to_float(batch["video"])
 
-    def loss(self, outputs, targets):
-        return self.criterion(outputs, targets)[0]
+    def loss(self, outputs, targets, step=None):
+        return self.criterion(outputs, targets, step=step)[0]
+
+    def discriminator_loss(self, outputs: torch.Tensor, targets: torch.Tensor, discriminator: torch.nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Hinge loss of ``discriminator`` (the DDP-wrapped one while training) on real clips vs
+        detached generated ones, in one forward over both (one DDP forward per backward)."""
+        from heygen_ray.losses import discriminator_hinge_loss
+
+        logits = discriminator(torch.cat([targets, outputs.detach().to(targets.dtype)], dim=0))
+        real, fake = logits.float().chunk(2, dim=0)
+        loss = discriminator_hinge_loss(real, fake)
+        return loss, {"d_loss": loss.detach(), "d_real": real.mean().detach(), "d_fake": fake.mean().detach()}
 
     def new_metrics(self, info):
         state = {k: torch.zeros((), dtype=torch.float64) for k in
@@ -258,6 +284,36 @@ class TextToVideoTask(Task):
     def units_per_sample(self, info):
         return "frames", int(info.clip_frames or 1)
 
+    @torch.no_grad()
+    def media(self, model, batch, info):
+        """[generated | real] side by side, one row per caption, as mp4 and GIF, plus the captions."""
+        from heygen_ray.data.media import encode_gif, encode_mp4, side_by_side, to_uint8
+
+        was_training = model.training
+        model.eval()
+        inputs, targets = self.inputs(batch)
+        generated = model(**inputs).float().clamp(-1, 1).cpu().numpy()
+        model.train(was_training)
+        real = targets.float().cpu().numpy()
+        grid = side_by_side([[to_uint8(g), to_uint8(r)] for g, r in zip(generated, real)])
+        fps = 4
+        files = {"samples.mp4": encode_mp4(grid, fps), "samples.gif": encode_gif(grid, fps)}
+        captions = decode_captions(batch["caption_ids"], batch["caption_mask"], info)
+        files["captions.txt"] = ("rows top to bottom; left: generated, right: real\n"
+                                 + "".join(f"{i}: {c}\n" for i, c in enumerate(captions))).encode()
+        return files
+
+
+def decode_captions(ids: torch.Tensor, mask: torch.Tensor, info: DataInfo) -> List[str]:
+    """Token ids back to text with the run's tokenizer (ids as strings when there is none)."""
+    rows = [row[m].tolist() for row, m in zip(ids.cpu(), mask.cpu().bool())]
+    if not info.tokenizer_dir:
+        return [" ".join(map(str, r)) for r in rows]
+    from heygen_ray.data.text import TextTokenizer
+
+    tok = TextTokenizer.load(info.tokenizer_dir)
+    return [tok.decode(r) for r in rows]
+
 
 def video_quality(prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Per-sample PSNR (dB), SSIM and temporal consistency error for (B, C, T, H, W) in [-1, 1].
@@ -272,6 +328,109 @@ def video_quality(prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, t
     }
 
 
-def get_task(name: str, loss_weights: Optional[Dict[str, float]] = None) -> Task:
-    cls = TASKS.get(name)
-    return cls(loss_weights) if name == "text_to_video" else cls()
+@TASKS.register("video_text_matching")
+class VideoTextMatchingTask(Task):
+    """Does the caption describe the clip? Contrastive loss over the batch (both directions, duplicate
+    captions as shared positives) plus the fused match head on the hardest in-batch negatives.
+    Metrics: caption -> video recall@1/@5 over the whole validation split (and the chance level of
+    the same split, for reference), match-head accuracy on positives and hardest negatives (balanced
+    over the two classes, so 0.5 is chance)."""
+
+    name = "video_text_matching"
+    columns = ("video", "caption_ids", "caption_mask")
+    dtypes = {"video": torch.uint8, "caption_ids": torch.int64, "caption_mask": torch.bool}
+    primary_metric = "recall_at_1"
+    forward_kwargs = {"outputs": "all"}
+    KS = (1, 5)
+
+    def __init__(self, contrastive_weight: float = 1.0, match_weight: float = 1.0) -> None:
+        self.contrastive_weight, self.match_weight = contrastive_weight, match_weight
+
+    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for key, value in (("vocab_size", info.vocab_size), ("max_sequence_length", info.caption_tokens),
+                           ("num_frames", info.clip_frames), ("image_size", info.height)):
+            if value:
+                out[key] = int(value)
+        return out
+
+    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        return TextToVideoTask.example_batch(self, info, batch_size)  # same batch contract
+
+    def inputs(self, batch):
+        from heygen_ray.data.transforms import video_to_float
+
+        return ({"video": video_to_float(batch["video"]), "input_ids": batch["caption_ids"],
+                 "attention_mask": batch["caption_mask"]}, batch["caption_ids"])
+
+    def loss(self, outputs, targets, step=None):
+        from heygen_ray.losses import contrastive_loss, match_loss
+
+        v, t = outputs["video_embeddings"].float(), outputs["text_embeddings"].float()
+        total = self.contrastive_weight * contrastive_loss(outputs["logit_scale"] * (t @ v.t()), outputs["positives"])
+        if self.match_weight > 0:
+            total = total + self.match_weight * match_loss(outputs["match_positive"], outputs["match_negative"],
+                                                           outputs["negative_valid"])
+        return total
+
+    def new_metrics(self, info):
+        return {"video": [], "text": [], "ids": [], "loss_sum": torch.zeros((), dtype=torch.float64),
+                **{k: torch.zeros((), dtype=torch.float64) for k in ("tp", "positives", "tn", "negatives")}}
+
+    def update_metrics(self, state, outputs, targets):
+        state["video"].append(outputs["video_embeddings"].detach().float().cpu())
+        state["text"].append(outputs["text_embeddings"].detach().float().cpu())
+        state["ids"].append(targets.detach().cpu())
+        b = targets.shape[0]
+        state["loss_sum"] += float(self.loss(outputs, targets)) * b
+        pos, neg = outputs["match_positive"].detach().cpu(), outputs["match_negative"].detach().cpu()
+        valid = outputs["negative_valid"].detach().cpu()
+        state["tp"] += float((pos > 0).sum())
+        state["positives"] += float(pos.numel())
+        state["tn"] += float(((neg <= 0) & valid).sum())
+        state["negatives"] += float(valid.sum())
+
+    def compute_metrics(self, state):
+        from heygen_ray.models.composite import same_caption
+
+        if not state["video"]:
+            return {"samples": 0.0}
+        v, t, ids = torch.cat(state["video"]), torch.cat(state["text"]), torch.cat(state["ids"])
+        positives = same_caption(ids)  # padding ids are equal too, so whole rows compare
+        out = retrieval_recall(t @ v.t(), positives, self.KS)
+        out.update({f"chance_{k}": v for k, v in chance_recall(positives, self.KS).items()})
+        n = float(ids.shape[0])
+        out.update({"loss": float(state["loss_sum"]) / n, "samples": n,
+                    # balanced over the two classes: 0.5 for a head that always says the same
+                    "match_accuracy": 0.5 * (float(state["tp"]) / max(float(state["positives"]), 1.0)
+                                             + float(state["tn"]) / max(float(state["negatives"]), 1.0))})
+        return out
+
+    def units_per_sample(self, info):
+        return "frames", int(info.clip_frames or 1)
+
+
+def retrieval_recall(similarity: torch.Tensor, positives: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> Dict[str, float]:
+    """Caption -> video recall@k: the share of captions (rows of ``similarity``, (N_text, N_video))
+    with at least one positive video among their k most similar. ``positives`` (N_text, N_video)
+    bool: duplicate captions make every one of their clips a right answer."""
+    n_video = similarity.shape[1]
+    order = similarity.float().argsort(dim=1, descending=True, stable=True)  # ties: lower index first
+    hits = positives.gather(1, order)  # (N_text, N_video), True where the ranked video is a positive
+    return {f"recall_at_{k}": float(hits[:, : min(k, n_video)].any(dim=1).float().mean()) for k in ks}
+
+
+def chance_recall(positives: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> Dict[str, float]:
+    """Expected recall@k of a random ranking: 1 - C(N - p, k) / C(N, k) per caption, averaged."""
+    n = positives.shape[1]
+    p = positives.sum(dim=1).tolist()
+    out = {}
+    for k in ks:
+        k = min(k, n)
+        out[f"recall_at_{k}"] = sum(1.0 - math.comb(n - int(pi), k) / math.comb(n, k) for pi in p) / max(len(p), 1)
+    return out
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """The task ``name`` (keyword arguments: the task's loss settings)."""
+    return TASKS.get(name)(**kwargs)
