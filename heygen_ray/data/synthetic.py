@@ -46,10 +46,34 @@ class ClipParams:
     background: int
     distractors: tuple  # ((shape, x, y, radius, grey), ...)
     noise_std: float
+    frame: tuple = (64, 64)  # (width, height) that start / end refer to
+
+    @property
+    def tone(self) -> str:
+        return tone(self.background)
 
     @property
     def caption(self) -> str:
-        return f"a {self.color} {self.shape} moves {self.direction} {self.speed}"
+        """What a person would say about the clip: the object, its motion, where it starts, and the
+        background's brightness (without the last two a caption leaves most of the pixels open, and
+        no text-to-video model can beat the mean clip by much: measured ceiling 19.5 dB vs 22.6 dB)."""
+        return (f"a {self.color} {self.shape} moves {self.direction} {self.speed} "
+                f"from the {region(*self.start, *self.frame)} on a {self.tone} background")
+
+
+TONES = ("black", "very dark", "dark", "dim", "grey")  # background grey level 10-19, 20-29, ..., 50-59
+
+
+def tone(background: int) -> str:
+    """The background's brightness in words (five levels over the generated range 10..59)."""
+    return TONES[min(max((int(background) - 10) // 10, 0), len(TONES) - 1)]
+
+
+def region(x: float, y: float, width: float, height: float) -> str:
+    """Where (x, y) is in a width x height frame, on a 3 x 3 grid ("top left", "centre", ...)."""
+    v = "top" if y < height / 3 else ("bottom" if y > 2 * height / 3 else "middle")
+    h = "left" if x < width / 3 else ("right" if x > 2 * width / 3 else "centre")
+    return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}"
 
 
 def assign_splits(spec: SynthSpec) -> List[str]:
@@ -116,7 +140,7 @@ def clip_params(spec: SynthSpec, index: int) -> ClipParams:
     return ClipParams(
         index=index, shape=shape, direction=direction, color=color, speed=speed, label=label,
         radius=radius, start=start, end=end, background=int(rng.integers(10, 60)),
-        distractors=distractors, noise_std=spec.noise_std,
+        distractors=distractors, noise_std=spec.noise_std, frame=(W, H),
     )
 
 
@@ -166,26 +190,24 @@ def render_clip(p: ClipParams, frames: int, height: int, width: int, seed: int =
 def describe(p: ClipParams, variant: int, width: int, height: int) -> str:
     """A longer scene description for the text corpus (templated, several phrasings)."""
 
-    def region(x: float, y: float) -> str:
-        v = "top" if y < height / 3 else ("bottom" if y > 2 * height / 3 else "middle")
-        h = "left" if x < width / 3 else ("right" if x > 2 * width / 3 else "centre")
-        return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}" if v != "middle" else f"middle {h}"
+    def where(x: float, y: float) -> str:
+        return region(x, y, width, height)
 
     n = len(p.distractors)
     extra = (
         "nothing else is in the frame." if n == 0
         else f"{'a grey shape stays' if n == 1 else f'{n} grey shapes stay'} still in the background."
     )
-    tone = "dark" if p.background < 35 else "dim"
+    tone = p.tone
     templates = [
         f"the clip shows a {p.color} {p.shape} on a {tone} background. it starts near the "
-        f"{region(*p.start)} and moves {p.direction} {p.speed}, ending near the {region(*p.end)}. {extra}",
-        f"a {p.shape}, coloured {p.color}, travels {p.direction} {p.speed} from the {region(*p.start)} "
-        f"to the {region(*p.end)} of the frame. {extra}",
+        f"{where(*p.start)} and moves {p.direction} {p.speed}, ending near the {where(*p.end)}. {extra}",
+        f"a {p.shape}, coloured {p.color}, travels {p.direction} {p.speed} from the {where(*p.start)} "
+        f"to the {where(*p.end)} of the frame. {extra}",
         f"in this video the {p.color} {p.shape} moves {p.direction}. it moves {p.speed}. {extra} "
         f"the background is {tone} and noisy.",
-        f"watch the {p.shape}: it is {p.color} and it goes {p.direction} {p.speed}, from {region(*p.start)} "
-        f"to {region(*p.end)}.",
+        f"watch the {p.shape}: it is {p.color} and it goes {p.direction} {p.speed}, from {where(*p.start)} "
+        f"to {where(*p.end)}.",
     ]
     return templates[variant % len(templates)]
 

@@ -3,7 +3,8 @@ training, EMA, checkpoints and logging treat them like any other model).
 
 `TextToVideo`: TextProcessor -> MultimodalFusion -> VideoGenerator (the design's text-to-video chain).
 The fusion lets caption tokens attend to a small set of learned "video prior" tokens before they
-condition the generator. forward(input_ids, attention_mask) -> video (B, C, T, H, W) in [-1, 1].
+condition the generator (by cross-attention and, by default, FiLM modulation of every generator block
+from the pooled caption). forward(input_ids, attention_mask) -> video (B, C, T, H, W) in [-1, 1].
 
 `VideoTextMatching`: VideoTransformerEncoder + TextProcessor, each projected to a shared unit-norm
 embedding for contrastive retrieval, and MultimodalFusion (caption tokens cross-attending to video
@@ -50,6 +51,7 @@ class TextToVideo(ModelBase):
         patch_size: int = 8,
         tubelet_size: int = 2,
         dropout_rate: float = 0.0,
+        caption_modulation: bool = True,
     ) -> None:
         super().__init__()
         self.max_sequence_length = max_sequence_length
@@ -65,7 +67,8 @@ class TextToVideo(ModelBase):
                                         num_layers=generator_layers, num_attention_heads=num_attention_heads,
                                         video_channels=video_channels, video_height=video_height,
                                         video_width=video_width, max_frames=max_frames, patch_size=patch_size,
-                                        tubelet_size=tubelet_size, dropout_rate=dropout_rate)
+                                        tubelet_size=tubelet_size, dropout_rate=dropout_rate,
+                                        caption_modulation=caption_modulation)
         # No `self.head` alias of generator.head: a module registered under two names breaks
         # torch.func.functional_call (used for the FLOP count), which then restores only one of them.
         self.num_classes, self.num_features = video_channels, generator_dimensions

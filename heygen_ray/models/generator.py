@@ -3,6 +3,9 @@
 Every output patch (tubelet x patch x patch pixels of every channel) is one token. The tokens start
 as learned space-time position embeddings, attend to each other (self-attention) and to the
 projected text conditioning (cross-attention), and a linear head maps each token to its pixels.
+With ``caption_modulation`` every block's input is also scaled and shifted per channel by a linear map
+of the pooled conditioning (FiLM): the tokens then differ between captions from the first step, where
+cross-attention alone starts near zero and was measured to leave the model stuck on the mean clip.
 
 Output layout: the original design describes one sample as T x C x H x W; this model returns
 (B, C, T, H, W), the same layout as every video encoder's input, the losses and the data
@@ -16,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from heygen_ray.models.base import ModelBase, build, init_weights, random_tensor
+from heygen_ray.models.base import ModelBase, build, init_weights, masked_mean, random_tensor
 from heygen_ray.models.layers import TransformerBlock, drop_path_rates
 from heygen_ray.registry import MODELS
 
@@ -51,6 +54,7 @@ class VideoGenerator(ModelBase):
         use_gated_linear: bool = False,
         activation_function: str = "gelu",
         text_sequence_length: int = 64,
+        caption_modulation: bool = False,
     ) -> None:
         super().__init__()
         if video_height % patch_size or video_width % patch_size or max_frames % tubelet_size:
@@ -76,6 +80,8 @@ class VideoGenerator(ModelBase):
         )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, video_channels * tubelet_size * patch_size**2)
+        # FiLM: per block, (shift, scale) from the masked mean of the conditioning
+        self.modulation = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(num_layers)) if caption_modulation else None
         self.apply(init_weights)
         nn.init.trunc_normal_(self.pos_embed_temporal, std=0.02)
         nn.init.trunc_normal_(self.pos_embed_spatial, std=0.02)
@@ -98,7 +104,11 @@ class VideoGenerator(ModelBase):
         b, d = context.shape[0], self.num_features
         x = (self.pos_embed_temporal + self.pos_embed_spatial).reshape(1, -1, d)  # (1, N, D) space-time queries
         x = self.drop(x.expand(b, -1, -1))
-        for block in self.blocks:
+        pooled = masked_mean(context, attention_mask) if self.modulation is not None else None  # (B, D)
+        for i, block in enumerate(self.blocks):
+            if self.modulation is not None:
+                shift, scale = self.modulation[i](pooled).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+                x = x * (1 + scale) + shift
             x = self.run_block(block, x, None, context, attention_mask)
         return self.norm(x)  # (B, N, D)
 

@@ -112,7 +112,7 @@ def test_csv_and_jsonl_manifests_with_custom_columns(ray_session, tmp_path, tiny
 
 def test_text_pipeline_packs_and_tokenizes_captions(ray_session, tiny_dataset, tmp_path):
     spec, res = tiny_dataset
-    tspec = TextDataSpec(corpus=res.corpus, tokenizer_dir=str(tmp_path / "tok"), vocab_size=400, seq_len=16, caption_max_tokens=12)
+    tspec = TextDataSpec(corpus=res.corpus, tokenizer_dir=str(tmp_path / "tok"), vocab_size=400, seq_len=16, caption_max_tokens=24)
     text = TextPipeline.from_spec(tspec)
     assert text.trained_tokenizer and TextPipeline.from_spec(tspec).trained_tokenizer is False  # loaded, not retrained
     rows = consume(text.lm_dataset())
@@ -124,7 +124,7 @@ def test_text_pipeline_packs_and_tokenizes_captions(ray_session, tiny_dataset, t
     video = VideoPipeline.from_spec(VideoDataSpec(manifest=res.manifest, clip_frames=2, height=16, width=16))
     out = consume(text.add_caption_tokens(video.dataset("val")))
     b = out[0]
-    assert b["caption_ids"].shape == (len(b["caption"]), 12)
+    assert b["caption_ids"].shape == (len(b["caption"]), 24)
     assert text.tokenizer.decode(b["caption_ids"][0]) == b["caption"][0]
 
 

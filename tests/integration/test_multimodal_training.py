@@ -29,7 +29,7 @@ def test_text_to_video_gan_recovers_a_killed_worker_with_both_optimizers(ray_ses
     _, res = tiny_dataset
     spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/text_to_video.yaml"), [
         "name=gan", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
-        f"data.text.tokenizer_dir={tmp_path}/tok", "data.text.vocab_size=400", "data.text.caption_max_tokens=12",
+        f"data.text.tokenizer_dir={tmp_path}/tok", "data.text.vocab_size=400", "data.text.caption_max_tokens=20",
         "loss.adversarial_loss_weight=0.1", "discriminator.base_channels=8", "discriminator.num_layers=2",
         "discriminator.schedule.kind=linear", "steps=12", "batch_size=4", "log_every_n_steps=3",
         "eval_every_n_steps=6", "checkpoint_every_n_steps=5", "schedule.warmup_steps=2", "fault.rank=1", "fault.step=8",
@@ -67,7 +67,7 @@ def test_video_text_matching_retrieval_beats_chance(ray_session, tmp_path):
     spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_text_matching.yaml"), [
         "name=vtm", f"data.synth.output_dir={tmp_path}/data", "data.synth.num_clips=96", "data.synth.seed=4",
         "data.synth.frames=8", "data.synth.height=32", "data.synth.width=32", "data.synth.shapes=[square]",
-        "data.synth.max_distractors=0", "data.text.vocab_size=300", "data.text.caption_max_tokens=12",
+        "data.synth.max_distractors=0", "data.text.vocab_size=300", "data.text.caption_max_tokens=20",
         "steps=120", "batch_size=8", "log_every_n_steps=20", "eval_every_n_steps=40", "checkpoint_every_n_steps=120",
         "schedule.warmup_steps=10", "optim.lr=0.002", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
     ])

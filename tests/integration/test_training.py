@@ -102,7 +102,7 @@ def test_text_to_video_trains_and_beats_its_first_evaluation(ray_session, tmp_pa
     _, res = tiny_dataset
     spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/text_to_video.yaml"), [
         "name=t2v", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
-        f"data.text.tokenizer_dir={tmp_path}/tok", "data.text.vocab_size=400", "data.text.caption_max_tokens=12",
+        f"data.text.tokenizer_dir={tmp_path}/tok", "data.text.vocab_size=400", "data.text.caption_max_tokens=20",
         "steps=60", "batch_size=4", "log_every_n_steps=10", "eval_every_n_steps=5", "checkpoint_every_n_steps=60",
         "schedule.warmup_steps=5", "optim.lr=0.002", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
     ])

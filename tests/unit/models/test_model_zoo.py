@@ -21,6 +21,8 @@ VARIANTS = [
     ("text_decoder_micro", {"use_cross_attention": True, "memory_dimensions": 32}),
     ("multimodal_fusion_micro", {"fusion_type": "concat"}),
     ("multimodal_fusion_micro", {"fusion_type": "gated"}),
+    ("video_generator_micro", {"caption_modulation": True}),
+    ("text_to_video_micro", {"caption_modulation": False}),
 ]
 CASES = [(n, {}) for n in MICRO] + VARIANTS
 IDS = [n + "".join(f"-{v}" for v in o.values()) for n, o in CASES]
