@@ -214,13 +214,13 @@ def tune(
         raise typer.Exit(2)
     t = Table(title=f"sweep {results['name']}: {results['metric']} ({results['mode']})")
     for col in ("trial", "status", "step", results["metric"], *[p for p in plan.space.paths]):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
     for r in sorted(results["rows"], key=lambda r: r["trial_id"]):
         value = r.get(results["metric"])
         t.add_row(r["trial_id"], r["status"], str(r["step"]), "" if value is None else f"{value:.4g}",
                   *[f"{r.get('param:' + p):.4g}" if isinstance(r.get("param:" + p), float) else str(r.get("param:" + p))
                     for p in plan.space.paths])
-    console.print(t)
+    Console(width=max(console.width, 60 + 16 * len(plan.space.paths))).print(t)  # logs are not terminals
     best = results["best"]
     console.print(f"{results['trials']} trials: {results['trials_completed']} completed, {results['trials_stopped_early']} "
                   f"stopped early, {results['trials_error']} failed; {results['seconds']} s")

@@ -142,11 +142,14 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
         ) from None
 
 
-def run_training(spec: TrainSpec, *, callbacks: Sequence[Any] = (), mlflow_run_id: Optional[str] = None) -> Dict[str, Any]:
+def run_training(spec: TrainSpec, *, callbacks: Sequence[Any] = (), mlflow_run_id: Optional[str] = None,
+                 prepared: Optional[Tuple[Dict[str, Any], DataInfo]] = None) -> Dict[str, Any]:
     """Train on the current Ray cluster; returns (and writes) the job's results.
 
     ``callbacks``: extra ``ray.train.UserCallback``s (a sweep trial passes Tune's report callback).
-    ``mlflow_run_id``: continue that existing run instead of opening a new one (a retried trial)."""
+    ``mlflow_run_id``: continue that existing run instead of opening a new one (a retried trial).
+    ``prepared``: (datasets, info) from ``prepare_data`` for this spec's data, prepared once by a
+    sweep for all its trials."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -155,7 +158,7 @@ def run_training(spec: TrainSpec, *, callbacks: Sequence[Any] = (), mlflow_run_i
 
     spec = absolutize(spec)
     task = task_for(spec)
-    datasets, info = prepare_data(spec, task)
+    datasets, info = prepared if prepared is not None else prepare_data(spec, task)
     check_model(spec, task, info)
     run_dir = os.path.join(spec.run_dir, spec.name)
     os.makedirs(run_dir, exist_ok=True)

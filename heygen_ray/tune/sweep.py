@@ -145,17 +145,25 @@ def _candidate_specs(plan: SweepPlan, prefix: str) -> List[Tuple[str, TrainSpec]
     return out
 
 
-def check_with_data(plan: SweepPlan) -> Dict[str, Any]:
+# Paths whose values change what prepare_data builds: trials that sweep them prepare their own data.
+DATA_PATHS = ("data", "seed", "task")
+
+
+def data_swept(plan: SweepPlan) -> List[str]:
+    return [p for p in plan.space.paths if p.split(".")[0] in DATA_PATHS]
+
+
+def check_with_data(plan: SweepPlan):
     """Prepare the base's data once (generating the embedded set and the tokenizer before trials
     could race to), then check the metric names and the model at every sampled size against it.
-    Returns the data summary (DataInfo as a dict)."""
+    Returns (datasets, info) as ``prepare_data`` does: trials that do not sweep the data share them."""
     from heygen_ray.config import ConfigError as _CE
     from heygen_ray.train.driver import check_model, prepare_data
     from heygen_ray.train.loop import task_for
 
     base = TrainSpec.from_dict(plan.base)
     task = task_for(base)
-    _, info = prepare_data(base, task)
+    datasets, info = prepare_data(base, task)
     unit, _ = task.units_per_sample(info)
     reported = set(TRAIN_REPORT_KEYS) | {f"{unit}_per_s"}
     for k in task.compute_metrics(task.new_metrics(info)):
@@ -172,14 +180,14 @@ def check_with_data(plan: SweepPlan) -> Dict[str, Any]:
             check_model(spec, task_for(spec), info)
         except _CE as err:
             raise _CE(f"{label}: {err}") from None
-    return info.to_dict()
+    return datasets, info
 
 
 def _data_cpus(spec: TrainSpec) -> float:
     """CPUs a trial's data pipeline holds while its workers train. Video is decoded as it streams
     (the decoder pool shrinks to one actor, never to zero): a trial whose workers hold CPUs while its
-    decoder waits for one would wait forever. Text is tokenized and materialised before the workers
-    start, by a trial that holds nothing else, so it only waits its turn."""
+    decoder waits for one would wait forever. Text is tokenized and materialised up front (once, by
+    the sweep), so training holds no data CPUs."""
     if spec.task in ("video_classification", "text_to_video"):
         return spec.data.video.decoder_num_cpus
     return 0.0
@@ -202,6 +210,13 @@ def concurrency_for(plan: SweepPlan, cluster_cpus: float) -> int:
         raise ConfigError(f"the text pipeline needs {prep:g} CPUs (data.text.num_tokenizers x tokenizer_num_cpus) "
                           f"but the cluster has {cluster_cpus:g}")
     fit = int(math.floor(cluster_cpus / need + 1e-9))
+    swept = data_swept(plan)
+    if swept and fit > 1:
+        # Each such trial runs its own Ray Data preparation; two at once on a small cluster can each
+        # hold a map actor while waiting for a read task's CPU.
+        log.warning("space sweeps %s: each trial prepares its own data, so trials run one at a time",
+                    ", ".join(swept))
+        fit = 1
     if fit < 1:
         raise ConfigError(
             f"one trial needs {need:g} CPUs (trial_cpus + scaling.num_workers x scaling.cpus_per_worker + its data "
@@ -314,8 +329,9 @@ def trial_spec(ctx: Mapping[str, Any], values: Mapping[str, Any], trial_id: str)
     return TrainSpec.from_dict(d, source=f"trial {trial_id} [{shown}]")
 
 
-def run_trial(config: Dict[str, Any], ctx: Dict[str, Any]) -> None:
-    """Tune's function trainable: one training job with the trial's values."""
+def run_trial(config: Dict[str, Any], ctx: Dict[str, Any], prepared=None) -> None:
+    """Tune's function trainable: one training job with the trial's values (on the sweep's prepared
+    data when the trial does not sweep the data)."""
     import ray.data
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -335,7 +351,8 @@ def run_trial(config: Dict[str, Any], ctx: Dict[str, Any]) -> None:
                            parent_run_id=spec.tracking.parent_run_id, tags={TRIAL_TAG: trial_id})
         run_id = runs[-1]["run_id"] if runs else None
     try:
-        run_training(spec, callbacks=[TuneReportCallback(), _stop_callback(trial_id)], mlflow_run_id=run_id)
+        run_training(spec, callbacks=[TuneReportCallback(), _stop_callback(trial_id)], mlflow_run_id=run_id,
+                     prepared=prepared)
     except Exception:
         if stop_requested(trial_id):  # stopped early on purpose: the trial ends normally
             log.warning("trial %s stopped early", trial_id)
@@ -481,7 +498,8 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
     t0 = time.perf_counter()
     plan = plan or plan_sweep(spec)  # fails here, before Ray starts, on a bad config or search space
     init_ray(spec.ray)
-    info = check_with_data(plan)
+    datasets, info = check_with_data(plan)
+    prepared = None if data_swept(plan) else (datasets, info)
     concurrency = concurrency_for(plan, float(ray.cluster_resources().get("CPU", 0.0)))
     os.makedirs(plan.trials_dir, exist_ok=True)
 
@@ -500,7 +518,7 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
     enumerate_choices = spec.search.algorithm == "grid"
     recorder = _trial_recorder()
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": spec.trial_cpus}),
+        tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, prepared=prepared), {"CPU": spec.trial_cpus}),
         param_space={"params": plan.space.to_tune(enumerate_choices=enumerate_choices)},
         tune_config=tune.TuneConfig(num_samples=spec.search.num_samples,
                                     max_concurrent_trials=concurrency if spec.search.algorithm == "optuna" else None,
@@ -514,7 +532,7 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
         tuner.fit()
         for trial_id in recorder.trials:
             clear_stop(trial_id)
-        results = _summarise(plan, recorder, parent, trk, info, concurrency, time.perf_counter() - t0)
+        results = _summarise(plan, recorder, parent, trk, info.to_dict(), concurrency, time.perf_counter() - t0)
         status = "FINISHED" if results.get("best") else "FAILED"
     finally:
         parent.end(status)

@@ -191,3 +191,24 @@ def test_concurrency_fits_the_cluster(monkeypatch):
     # video trials also hold a decoder while their workers train
     vc = load_spec(SweepSpec, data={"base": "configs/train/video_classification.yaml", "space": {"optim.lr": {"choice": [1e-3]}}})
     assert trial_cpus(plan_sweep(vc)) == pytest.approx(0.01 + 2 * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize("objectives", [[], [{"metric": "model_gflops", "mode": "min"}]])
+def test_optuna_proposes_values_that_build_valid_specs(monkeypatch, objectives):
+    """TPE (single- and multi-objective) over the converted space, driven by hand without a cluster."""
+    from heygen_ray.tune.sweep import _searcher, plan_sweep
+
+    monkeypatch.chdir(REPO)
+    spec = load_spec(SweepSpec, "configs/sweep/lr_schedule.yaml", ["search.algorithm=optuna", "search.seed=1",
+                                                                   f"objectives={objectives}"])
+    plan = plan_sweep(spec)
+    assert [m for m, _ in plan.objectives] == ["val_ema_perplexity"] + [o["metric"] for o in objectives]
+    searcher = _searcher(plan, concurrency=2)
+    assert searcher.set_search_properties(None, None, {"params": plan.space.to_tune()})
+    for i in range(4):
+        config = searcher.suggest(f"t{i}")
+        values = config["params"]
+        assert set(values) == set(plan.space.paths)
+        built = plan.space.build(values)
+        assert 3e-4 <= built.optim.lr <= 1e-2 and built.schedule.kind in ("cosine", "linear", "constant")
+        searcher.on_trial_complete(f"t{i}", {"val_ema_perplexity": 10.0 + i, "model_gflops": 0.02, "config": config})
