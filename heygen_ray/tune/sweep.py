@@ -339,7 +339,8 @@ def run_trial(config: Dict[str, Any], ctx: Dict[str, Any], prepared=None) -> Non
     from heygen_ray import tracking as t
     from heygen_ray.train.driver import run_training
 
-    os.chdir(ctx["cwd"])  # Tune starts trials in their own folder; paths in specs are the user's
+    if os.path.isdir(ctx["cwd"]):  # Tune starts trials in their own folder; relative paths are the user's
+        os.chdir(ctx["cwd"])
     data_ctx = ray.data.DataContext.get_current()  # Train's workers inherit it: no progress bars per trial
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
