@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heygen_ray.config import (
-    SMOKE_OVERRIDES, ConfigError, DataSpec, PipelineSpec, Spec, SPEC_KINDS, TrainSpec, load_spec, spec_kind_for,
+    SMOKE_OVERRIDES, ConfigError, DataSpec, PipelineSpec, Spec, SPEC_KINDS, SweepSpec, TrainSpec, load_spec, spec_kind_for,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep, compress and serve video/text models on Ray.")
@@ -192,6 +192,42 @@ def train(
     if results.get("model_uri"):
         console.print(f"model: {results['model_uri']} (registered {results.get('registered_model_name')} v{results.get('model_version')})")
     console.print(f"checkpoint: {results['checkpoint_uri']}")
+    console.print(f"results: {results['results_path']}")
+
+
+@app.command("tune")
+def tune(
+    config: Path = typer.Option(Path("configs/sweep/lr_schedule.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="4 short trials on the smoke data (a few minutes on 2 CPUs)"),
+) -> None:
+    """Sweep a training config with Ray Tune (ASHA / Optuna); registers the best model and writes its
+    config as a ready-to-run training YAML plus results.json."""
+    from heygen_ray.tune.sweep import plan_sweep, run_sweep
+
+    spec: SweepSpec = _load(SweepSpec, config, overrides, "sweep" if smoke_test else None)
+    try:
+        plan = plan_sweep(spec)  # the whole search space is checked before Ray starts
+        results = run_sweep(spec, plan=plan)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    t = Table(title=f"sweep {results['name']}: {results['metric']} ({results['mode']})")
+    for col in ("trial", "status", "step", results["metric"], *[p for p in plan.space.paths]):
+        t.add_column(col, no_wrap=True)
+    for r in sorted(results["rows"], key=lambda r: r["trial_id"]):
+        value = r.get(results["metric"])
+        t.add_row(r["trial_id"], r["status"], str(r["step"]), "" if value is None else f"{value:.4g}",
+                  *[f"{r.get('param:' + p):.4g}" if isinstance(r.get("param:" + p), float) else str(r.get("param:" + p))
+                    for p in plan.space.paths])
+    Console(width=max(console.width, 60 + 16 * len(plan.space.paths))).print(t)  # logs are not terminals
+    best = results["best"]
+    console.print(f"{results['trials']} trials: {results['trials_completed']} completed, {results['trials_stopped_early']} "
+                  f"stopped early, {results['trials_error']} failed; {results['seconds']} s")
+    console.print(f"best: trial {best['trial_id']} {results['metric']}={best['metric']:.4g} (MLflow run {best['mlflow_run_id']})")
+    if results.get("model_version"):
+        console.print(f"model: {results['model_uri']} (registered {results['registered_model_name']} v{results['model_version']})")
+    console.print(f"best config: {results['best_config_path']}")
     console.print(f"results: {results['results_path']}")
 
 

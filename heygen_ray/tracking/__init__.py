@@ -28,12 +28,13 @@ imports neither mlflow nor torch.
 
 from heygen_ray.config import TrackingSpec
 from heygen_ray.tracking.models import (
-    CONFIG_FILE, MAX_EXAMPLE_ELEMENTS, MODEL_FORMAT, WEIGHTS_FILE, LoggedModel, ModelRef, load_model, load_model_and_config, load_pyfunc, log_model, resolve_model_uri, set_alias,
+    CONFIG_FILE, MAX_EXAMPLE_ELEMENTS, MODEL_FORMAT, WEIGHTS_FILE, LoggedModel, ModelRef, load_model, load_model_and_config, load_pyfunc, log_model, register_run_model,
+    resolve_model_uri, set_alias,
 )
-from heygen_ray.tracking.plots import svg_curves, svg_heatmap
+from heygen_ray.tracking.plots import svg_curves, svg_heatmap, svg_scatter
 from heygen_ray.tracking.runs import (
     MAX_PARAM_VALUE, MAX_TAG_VALUE, TRUNCATION_MARKER, NullTracker, RunStatus, Tracker, default_artifact_root,
-    ensure_experiment, flatten, make_tracker, resolve_spec, resolve_tracking_uri,
+    ensure_experiment, find_runs, flatten, make_tracker, resolve_spec, resolve_tracking_uri,
 )
 
 __all__ = [
@@ -52,11 +53,13 @@ __all__ = [
     "TrackingSpec",
     "default_artifact_root",
     "ensure_experiment",
+    "find_runs",
     "flatten",
     "load_model",
     "load_model_and_config",
     "load_pyfunc",
     "log_model",
+    "register_run_model",
     "make_tracker",
     "resolve_model_uri",
     "resolve_spec",
@@ -64,4 +67,5 @@ __all__ = [
     "set_alias",
     "svg_curves",
     "svg_heatmap",
+    "svg_scatter",
 ]

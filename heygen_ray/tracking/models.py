@@ -156,7 +156,6 @@ def log_model(
     import safetensors.torch
     import torch
     from mlflow.entities import LoggedModelOutput
-    from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
     import heygen_ray
@@ -240,24 +239,47 @@ def log_model(
     model_uri = f"models:/{lm.model_id}"
     version = None
     if registered_model_name:
-        try:
-            client.create_registered_model(registered_model_name)
-        except MlflowException as e:
-            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-        # A tracking server resolves a `models:/m-<id>` source itself. A local SQL registry looks
-        # the logged model up through a *global* MlflowClient() (TODO in mlflow/store/model_registry/
-        # sqlalchemy_store.py create_model_version), i.e. the wrong store unless the process-wide
-        # URI happens to match: there, register the storage location directly (the version's
-        # `heygen_ray.model_id` tag keeps the link to the logged model).
-        remote = tracker.tracking_uri.split(":", 1)[0].lower() in ("http", "https")
-        mv = client.create_model_version(
-            registered_model_name, source=model_uri if remote else lm.artifact_location, run_id=run_id,
-            model_id=lm.model_id, tags={"heygen_ray.model_id": lm.model_id, **dict(version_tags or {})},
-            await_creation_for=await_registration_s,
-        )
-        version = str(mv.version)
+        version = _register_version(client, tracker.tracking_uri, registered_model_name, lm, run_id,
+                                    version_tags, await_registration_s)
     return LoggedModel(model_uri, registered_model_name, version, run_id, lm.model_id)
+
+
+def _register_version(client, tracking_uri: str, name: str, lm, run_id: str,
+                      version_tags: Optional[Mapping[str, str]], await_s: int) -> str:
+    """A new version of registered model `name` for logged model `lm`; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    # A tracking server resolves a `models:/m-<id>` source itself. A local SQL registry looks
+    # the logged model up through a *global* MlflowClient() (TODO in mlflow/store/model_registry/
+    # sqlalchemy_store.py create_model_version), i.e. the wrong store unless the process-wide
+    # URI happens to match: there, register the storage location directly (the version's
+    # `heygen_ray.model_id` tag keeps the link to the logged model).
+    remote = tracking_uri.split(":", 1)[0].lower() in ("http", "https")
+    mv = client.create_model_version(
+        name, source=f"models:/{lm.model_id}" if remote else lm.artifact_location, run_id=run_id,
+        model_id=lm.model_id, tags={"heygen_ray.model_id": lm.model_id, **dict(version_tags or {})},
+        await_creation_for=await_s,
+    )
+    return str(mv.version)
+
+
+def register_run_model(tracking_uri: str, run_id: str, name: str, *, version_tags: Optional[Mapping[str, str]] = None,
+                       await_registration_s: int = 300) -> LoggedModel:
+    """Register the (last) model logged by run `run_id` as a new version of `name`, e.g. the best
+    trial of a sweep, whose trials log their models without registering them."""
+    client = _client(tracking_uri)
+    outputs = client.get_run(run_id).outputs
+    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    if not model_ids:
+        raise ValueError(f"run {run_id} at {tracking_uri} logged no model to register")
+    lm = client.get_logged_model(model_ids[-1])
+    version = _register_version(client, tracking_uri, name, lm, run_id, version_tags, await_registration_s)
+    return LoggedModel(f"models:/{lm.model_id}", name, version, run_id, lm.model_id)
 
 
 def set_alias(name: str, alias: str, version: Union[str, int], *, tracking_uri: Optional[str] = None) -> None:

@@ -182,6 +182,113 @@ def _png_heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str]) -> by
 
 
 
+# --------------------------------------------------------------------------------------------------
+# Scatter panels: a metric against each swept parameter (one point per trial)
+# --------------------------------------------------------------------------------------------------
+
+ScatterPoint = Tuple[Any, float, str]  # (x: number or category, y, group such as "completed")
+
+
+def _scatter_axis(points: Sequence[ScatterPoint], log_x: bool) -> Tuple[List[float], List[str], bool]:
+    """x positions, tick labels for categorical x (empty when numeric), and whether x is log."""
+    numeric = all(isinstance(p[0], (int, float)) and not isinstance(p[0], bool) for p in points)
+    if numeric:
+        xs = [float(p[0]) for p in points]
+        use_log = log_x and all(x > 0 for x in xs)
+        return ([math.log10(x) for x in xs] if use_log else xs), [], use_log
+    cats: List[str] = []
+    for p in points:
+        if str(p[0]) not in cats:
+            cats.append(str(p[0]))
+    return [float(cats.index(str(p[0]))) for p in points], cats, False
+
+
+def svg_scatter(panels: Mapping[str, Sequence[ScatterPoint]], y_label: str, log_x: Sequence[str] = (),
+                width: int = 640, panel_height: int = 190) -> str:
+    """One scatter panel per parameter: ``y_label`` against the parameter, colour = group."""
+    left, right, top, bottom = 64, 16, 24, 30
+    names = list(panels)
+    groups = sorted({g for pts in panels.values() for _, _, g in pts})
+    height = max(1, len(names)) * panel_height + 20
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
+    for gi, g in enumerate(groups):
+        parts.append(f'<circle cx="{left + gi * 130}" cy="10" r="4" fill="{_COLORS[gi % len(_COLORS)]}"/>'
+                     f'<text x="{left + gi * 130 + 8}" y="14">{escape(g)}</text>')
+    for i, name in enumerate(names):
+        pts = [p for p in panels[name] if isinstance(p[1], (int, float)) and math.isfinite(float(p[1]))]
+        y0 = 20 + i * panel_height
+        pw, ph = width - left - right, panel_height - top - bottom
+        xs, cats, is_log = _scatter_axis(pts, name in log_x) if pts else ([], [], False)
+        title = f"{y_label} vs {name}" + (" (log x)" if is_log else "")
+        parts.append(f'<text x="{left}" y="{y0 + 15}" font-weight="bold">{escape(title)}</text>')
+        parts.append(f'<rect x="{left}" y="{y0 + top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        if not pts:
+            continue
+        ys = [float(p[1]) for p in pts]
+        xmin, xmax = min(xs), max(xs)
+        ymin, ymax = min(ys), max(ys)
+        if cats:
+            xmin, xmax = -0.5, len(cats) - 0.5
+        if xmax == xmin:
+            xmin, xmax = xmin - 0.5, xmax + 0.5
+        if ymax == ymin:
+            pad = abs(ymin) * 0.05 or 0.5
+            ymin, ymax = ymin - pad, ymax + pad
+        sx = lambda x: left + (x - xmin) / (xmax - xmin) * pw  # noqa: E731
+        sy = lambda y: y0 + top + (1.0 - (y - ymin) / (ymax - ymin)) * ph  # noqa: E731
+        for x, y, (raw, _, g) in zip(xs, ys, pts):
+            color = _COLORS[groups.index(g) % len(_COLORS)]
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}" fill-opacity="0.8">'
+                         f"<title>{escape(str(raw))}: {_fmt(y)} ({escape(g)})</title></circle>")
+        parts.append(f'<text x="{left - 4}" y="{y0 + top + 4}" text-anchor="end">{_fmt(ymax)}</text>')
+        parts.append(f'<text x="{left - 4}" y="{y0 + top + ph}" text-anchor="end">{_fmt(ymin)}</text>')
+        if cats:
+            for ci, c in enumerate(cats):
+                parts.append(f'<text x="{sx(ci):.1f}" y="{y0 + top + ph + 14}" text-anchor="middle">{escape(c[:16])}</text>')
+        else:
+            lo, hi = (10 ** xmin, 10 ** xmax) if is_log else (xmin, xmax)
+            parts.append(f'<text x="{left}" y="{y0 + top + ph + 14}">{_fmt(lo)}</text>')
+            parts.append(f'<text x="{left + pw}" y="{y0 + top + ph + 14}" text-anchor="end">{_fmt(hi)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _png_scatter(panels: Mapping[str, Sequence[ScatterPoint]], y_label: str, log_x: Sequence[str] = ()) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(panels) or ["(empty)"]
+    groups = sorted({g for pts in panels.values() for _, _, g in pts})
+    fig = Figure(figsize=(6.4, 2.2 * len(names)), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(len(names), 1, i + 1)
+        pts = [p for p in panels.get(name, []) if isinstance(p[1], (int, float)) and math.isfinite(float(p[1]))]
+        if pts:
+            xs, cats, is_log = _scatter_axis(pts, name in log_x)
+            if is_log:
+                xs = [10 ** x for x in xs]
+                ax.set_xscale("log")
+            for gi, g in enumerate(groups):
+                sel = [(x, float(p[1])) for x, p in zip(xs, pts) if p[2] == g]
+                if sel:
+                    ax.scatter([a for a, _ in sel], [b for _, b in sel], color=_COLORS[gi % len(_COLORS)], label=g, s=18)
+            if cats:
+                ax.set_xticks(range(len(cats)), [c[:16] for c in cats], fontsize=8)
+            if i == 0:
+                ax.legend(fontsize=7, loc="best")
+        ax.set_title(f"{y_label} vs {name}", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def _matrix_rows(matrix: Any) -> List[List[float]]:
     if hasattr(matrix, "detach"):
         matrix = matrix.detach().cpu()

@@ -14,7 +14,9 @@ import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from heygen_ray.config import TrackingSpec
-from heygen_ray.tracking.plots import _image_format, _matrix_rows, _num, _png_curves, _png_heatmap, svg_curves, svg_heatmap
+from heygen_ray.tracking.plots import (
+    _image_format, _matrix_rows, _num, _png_curves, _png_heatmap, _png_scatter, svg_curves, svg_heatmap, svg_scatter,
+)
 
 # MLflow limits (mlflow/utils/validation.py: MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH,
 # MAX_PARAMS_TAGS_PER_BATCH, MAX_METRICS_PER_BATCH).
@@ -128,6 +130,33 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[str] = None) 
     return exp.experiment_id
 
 
+def find_runs(tracking_uri: str, experiment: str, *, parent_run_id: Optional[str] = None,
+              tags: Optional[Mapping[str, str]] = None) -> List[Dict[str, Any]]:
+    """Runs of ``experiment`` (nested under ``parent_run_id`` and carrying ``tags``, when given),
+    oldest first, as plain dicts: run_id, run_name, status, start_time, tags, params, metrics
+    (latest values)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    clauses = []
+    if parent_run_id:
+        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for k, v in (tags or {}).items():
+        clauses.append(f"tags.`{k}` = '{v}'")
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        for r in page:
+            out.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+                        "start_time": r.info.start_time, "tags": dict(r.data.tags), "params": dict(r.data.params),
+                        "metrics": dict(r.data.metrics)})
+        token = page.token
+        if not token:
+            return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Params
 # --------------------------------------------------------------------------------------------------
@@ -222,6 +251,13 @@ class NullTracker:
                              file: str = "confusion_matrix", image_format: str = "auto") -> List[str]:
         return []
 
+    def log_scatter_plot(self, panels: Mapping[str, Sequence[Tuple[Any, float, str]]], y_label: str,
+                         file: str = "scatter.png", log_x: Sequence[str] = (), image_format: str = "auto") -> Optional[str]:
+        return None
+
+    def reopen(self) -> "NullTracker":
+        return self
+
     def end(self, status: RunStatus = "FINISHED") -> None:
         return None
 
@@ -307,6 +343,12 @@ class Tracker:
             return
         self.client.set_terminated(self.run_id, status=status)
         self._ended = True
+
+    def reopen(self) -> "Tracker":
+        """Mark an existing run RUNNING again (a retried attempt continues the same run)."""
+        self.client.update_run(self._rid(), status="RUNNING")
+        self._ended = False
+        return self
 
     def child(self, run_name: str, tags: Optional[Mapping[str, str]] = None) -> "Tracker":
         """A (not yet started) nested run under this one, in the same experiment."""
@@ -410,6 +452,19 @@ class Tracker:
         else:
             self.log_text(svg_heatmap(rows, labels), image)
         return [stem + ".csv", image]
+
+    def log_scatter_plot(self, panels: Mapping[str, Sequence[Tuple[Any, float, str]]], y_label: str,
+                         file: str = "scatter.png", log_x: Sequence[str] = (), image_format: str = "auto") -> str:
+        """One panel per key of ``panels``: ``y_label`` against that key's x values (numbers, log
+        scale for keys in ``log_x``, or categories), coloured by each point's group. PNG or SVG as
+        for ``log_curve_plot``; returns the artifact path."""
+        fmt = _image_format(file, image_format)
+        out = os.path.splitext(file)[0] + "." + fmt
+        if fmt == "png":
+            self.log_bytes(_png_scatter(panels, y_label, log_x), out)
+        else:
+            self.log_text(svg_scatter(panels, y_label, log_x), out)
+        return out
 
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, TrainSpec
@@ -143,8 +143,14 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
         ) from None
 
 
-def run_training(spec: TrainSpec) -> Dict[str, Any]:
-    """Train on the current Ray cluster; returns (and writes) the job's results."""
+def run_training(spec: TrainSpec, *, callbacks: Sequence[Any] = (), mlflow_run_id: Optional[str] = None,
+                 prepared: Optional[Tuple[Dict[str, Any], DataInfo]] = None) -> Dict[str, Any]:
+    """Train on the current Ray cluster; returns (and writes) the job's results.
+
+    ``callbacks``: extra ``ray.train.UserCallback``s (a sweep trial passes Tune's report callback).
+    ``mlflow_run_id``: continue that existing run instead of opening a new one (a retried trial).
+    ``prepared``: (datasets, info) from ``prepare_data`` for this spec's data, prepared once by a
+    sweep for all its trials."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -153,7 +159,7 @@ def run_training(spec: TrainSpec) -> Dict[str, Any]:
 
     spec = absolutize(spec)
     task = task_for(spec)
-    datasets, info = prepare_data(spec, task)
+    datasets, info = prepared if prepared is not None else prepare_data(spec, task)
     check_model(spec, task, info)
     run_dir = os.path.join(spec.run_dir, spec.name)
     os.makedirs(run_dir, exist_ok=True)
@@ -162,7 +168,8 @@ def run_training(spec: TrainSpec) -> Dict[str, Any]:
     workers = max(spec.scaling.num_workers, 1)
     peak = spec.peak_flops or measure_matmul_peak(spec.precision, threads=max(1, int((os.cpu_count() or 1) / workers)))
 
-    mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict())
+    mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict(),
+                                             run_id=mlflow_run_id)
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -174,6 +181,7 @@ def run_training(spec: TrainSpec) -> Dict[str, Any]:
             name=spec.name, storage_path=os.path.join(spec.run_dir, "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.max_failures),
+            callbacks=list(callbacks) or None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

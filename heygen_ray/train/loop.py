@@ -275,6 +275,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     flops = unwrap_model(base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0])
+    n_params = sum(p.numel() for p in base.parameters())
     unit_name, units = task.units_per_sample(info)
     peak = spec.peak_flops or float(config.get("peak_flops") or 0.0)
     fault = fault_plan(spec)
@@ -333,7 +334,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
 
     def report() -> None:
         """Every rank (a barrier): metrics, and rank 0's checkpoint."""
-        metrics: Dict[str, Any] = {"step": step, "epoch": epoch}
+        metrics: Dict[str, Any] = {"step": step, "epoch": epoch, "model_gflops": flops / 1e9, "model_params_m": n_params / 1e6}
         metrics.update(last_eval)
         metrics.update(last_train)
         checkpoint = None

@@ -17,12 +17,17 @@ def resolved_uri(tracking: Dict[str, Any], run_dir: str) -> Optional[str]:
     return t.resolve_tracking_uri(tracking, run_dir) if tracking.get("enabled", True) else None
 
 
-def start_training_run(tracking: Dict[str, Any], run_dir: str, *, run_name: str, spec: Dict[str, Any]) -> Optional[str]:
-    """Open the job's run and log the resolved spec; None when tracking is disabled."""
+def start_training_run(tracking: Dict[str, Any], run_dir: str, *, run_name: str, spec: Dict[str, Any],
+                       run_id: Optional[str] = None) -> Optional[str]:
+    """Open the job's run (or reopen ``run_id``, e.g. for a retried sweep trial) and log the resolved
+    spec; None when tracking is disabled."""
     if not tracking.get("enabled", True):
         return None
-    tr = t.make_tracker(tracking, run_dir, rank=0, run_name=run_name, nested_under=tracking.get("parent_run_id"))
+    tr = t.make_tracker(tracking, run_dir, rank=0, run_name=run_name, nested_under=tracking.get("parent_run_id"),
+                        run_id=run_id)
     tr.start()
+    if run_id is not None:
+        tr.reopen()
     tr.log_params(spec)
     tr.log_dict(spec, "config/spec.json")
     return tr.run_id
