@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, TrainSpec
@@ -143,8 +143,10 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
         ) from None
 
 
-def run_training(spec: TrainSpec) -> Dict[str, Any]:
-    """Train on the current Ray cluster; returns (and writes) the job's results."""
+def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train on the current Ray cluster; returns (and writes) the job's results. ``extra_config``
+    (JSON-able) joins the workers' loop config: ``init_model`` (a model directory to start from, e.g.
+    a pruned student) and ``distill`` ({teacher: model directory, temperature, alpha})."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -167,7 +169,8 @@ def run_training(spec: TrainSpec) -> Dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "data_info": info.to_dict(), "run_dir": run_dir,
-                           "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id},
+                           "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id,
+                           **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
