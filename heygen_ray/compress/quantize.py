@@ -71,7 +71,9 @@ class FrozenCompiled(nn.Module):
     def __init__(self, module: nn.Module, freezing: bool = True) -> None:
         super().__init__()
         self.inner = module
-        self.compiled = torch.compile(module)
+        # dynamic=False: one specialised graph per batch size (1, 8, ...), as a server with fixed
+        # batch buckets would run; a dynamic-batch graph measured slower at batch 8 here
+        self.compiled = torch.compile(module, dynamic=False)
         self.freezing = freezing
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 
 Variants (all measured on the same held-out split, in this process, latencies interleaved):
   teacher_fp32, teacher_bf16, pruned (no training), pruned_distilled, pruned_distilled_bf16,
-  pruned_distilled_<int8 scheme> (the final variant), and unstructured_control when asked.
+  pruned_distilled_compiled (fp32, torch.compile with freezing), pruned_distilled_<int8 scheme> (the
+  final variant), and unstructured_control when asked.
 
 Artifacts under <run_dir>/<name>/variants/<variant>/: the model directory (safetensors + model.json,
 loadable with `heygen_ray.tracking.load_model`), plus `int8_dynamic.pt` (torch.load weights_only) or
@@ -174,6 +175,9 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         d_bf16 = quantize.to_bf16(distilled)
         add("pruned_distilled_bf16", d_bf16, save_model_dir(os.path.join(vdir, "pruned_distilled_bf16"), d_bf16.model,
                                                             model_name=model_name, model_overrides=overrides), distilled)
+        # fp32 through Inductor with freezing: what compilation alone gives (the int8 path's baseline)
+        add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),
+            distilled_dir, distilled)
         final = f"pruned_distilled_{spec.quantize.scheme}"
         qdir = os.path.join(vdir, final)
         os.makedirs(qdir, exist_ok=True)
@@ -327,16 +331,14 @@ def _log_variant(spec: CompressSpec, parent: Any, track_cfg: Dict[str, Any], out
         # the registry holds the loadable model: the fp32/bf16 weights the variant runs from (int8
         # variants: their fp32 source, and the int8 file as the run's "variant" artifact; model.json
         # names the scheme)
-        module = _module(runnable)
-        to_log = module if not hasattr(module, "graph") else arch_model
-        if isinstance(runnable, CastInputs):
-            to_log = runnable.model
+        int8 = row["variant"].endswith(("int8_static", "int8_dynamic"))
+        to_log = arch_model if int8 else runnable.model if isinstance(runnable, CastInputs) else _module(runnable)
         logged = tracking.log_model(
             child, to_log, model_name=model_name, model_overrides=overrides,
             registered_model_name=spec.registered_model_name,
             input_example={k: v[:1].to(next(to_log.parameters()).dtype) if v.is_floating_point() else v[:1] for k, v in example.items()},
             extra={"variant": row["variant"], "quality": row["quality"], "lineage": lineage,
-                   "int8_artifact": os.path.basename(row["artifact"]) if row["variant"].endswith(("int8_static", "int8_dynamic")) else None},
+                   "int8_artifact": os.path.basename(row["artifact"]) if int8 else None},
             version_tags={f"heygen_ray.{k}": v for k, v in tags.items()},
         )
     return logged.version if logged is not None else None

@@ -46,7 +46,7 @@ def test_compression_stage_measures_reports_registers_and_distillation_beats_fin
     out = run_compression(spec)
     rows = {r["variant"]: r for r in out["variants"]}
     assert set(rows) == {"teacher_fp32", "teacher_bf16", "pruned", "pruned_distilled", "pruned_distilled_bf16",
-                         "pruned_distilled_int8_static", "unstructured_control"}
+                         "pruned_distilled_compiled", "pruned_distilled_int8_static", "unstructured_control"}
     for name, r in rows.items():
         for key in FIGURES:
             assert r.get(key) is not None, (name, key)

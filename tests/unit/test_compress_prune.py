@@ -107,3 +107,16 @@ def test_bad_ratio_is_rejected():
     m = create_model("conv_video_encoder_micro")
     with pytest.raises(ValueError):
         structured_prune(m, m.example_inputs(2), ratio=1.0)
+
+
+def test_taylor_importance_uses_gradients_of_the_task_loss():
+    torch.manual_seed(0)
+    m = create_model("conv_video_encoder_micro", num_classes=4)
+    x = m.example_inputs(4)
+    y = torch.tensor([0, 1, 2, 3])
+    loss_fn = torch.nn.functional.cross_entropy
+    r = structured_prune(m, x, ratio=0.5, importance="taylor", taylor_batches=[(x, y)], loss_fn=loss_fn)
+    assert r["params_after"] < r["params_before"]
+    assert all(p.grad is None for p in m.parameters())  # the saliency pass leaves no gradients behind
+    with pytest.raises(ValueError, match="taylor"):
+        structured_prune(create_model("conv_video_encoder_micro"), x, ratio=0.5, importance="taylor")
