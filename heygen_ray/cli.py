@@ -228,6 +228,35 @@ def tune(
     if results.get("model_version"):
         console.print(f"model: {results['model_uri']} (registered {results['registered_model_name']} v{results['model_version']})")
     console.print(f"best config: {results['best_config_path']}")
+
+
+@app.command("compress")
+def compress(
+    config: Path = typer.Option(Path("configs/compress/video_classifier.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="tiny sizes (a few minutes on 2 CPUs)"),
+) -> None:
+    """Prune -> distill (Ray Train) -> quantize a trained model; measure, report and register every variant."""
+    from heygen_ray.compress.stage import run_compression
+    from heygen_ray.config import CompressSpec
+    from heygen_ray.runtime import init_ray
+
+    spec: CompressSpec = _load(CompressSpec, config, overrides, "compress" if smoke_test else None)
+    init_ray()
+    try:
+        results = run_compression(spec)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    t = Table(title=f"compress {results['name']} ({results['model']}, {results['metric']})")
+    for col in ("variant", results["metric"], "delta", "params", "MB", "p50 ms bs1", "p50 ms bs8", "x fp32", "x bf16", "gate"):
+        t.add_column(col)
+    for r in results["variants"]:
+        t.add_row(r["variant"], f"{r['quality']:.4f}", f"{r['quality_delta']:+.4f}", str(r["params"]),
+                  f"{r['size_bytes'] / 1e6:.2f}", f"{r['p50_ms_bs1']:.2f}", f"{r['p50_ms_bs8']:.2f}",
+                  f"{r['speedup_bs1_vs_fp32']:.2f}", f"{r['speedup_bs1_vs_bf16']:.2f}", "pass" if r["passes_gate"] else "FAIL")
+    console.print(t)
+    console.print(f"alias {results['alias']!r} -> {results['alias_variant']}")
     console.print(f"results: {results['results_path']}")
 
 

@@ -126,6 +126,48 @@ def _float_dtype(module: "nn.Module") -> Optional[str]:
     return None
 
 
+def model_config(m: "nn.Module", model_name: str, overrides: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """model.json of a zoo model: what rebuilds it by name (plus the widths of a pruned one)."""
+    import torch
+
+    import heygen_ray
+
+    config = {
+        "format": MODEL_FORMAT,
+        "registry_name": model_name,
+        "overrides": dict(overrides),
+        "class": type(m).__name__,
+        "input_names": list(m.input_names),
+        "num_classes": int(m.num_classes),
+        "num_features": int(getattr(m, "num_features", 0) or 0),
+        "dtype": _float_dtype(m),
+        "heygen_ray_version": heygen_ray.__version__,
+        "torch_version": torch.__version__,
+        "extra": dict(extra or {}),
+    }
+    arch = getattr(m, "heygen_architecture", None)  # a pruned model: its widths differ from the preset
+    if arch:
+        config["architecture"] = arch
+    return config
+
+
+def save_model_dir(path: str, model: "nn.Module", *, model_name: str, model_overrides: Optional[Mapping[str, Any]] = None,
+                   extra: Optional[Mapping[str, Any]] = None) -> str:
+    """The files of a logged model (artifacts/model.json + artifacts/model.safetensors) in a local
+    directory, without MLflow: `load_model(path)` reads it back (a hand-off between processes)."""
+    import safetensors.torch
+
+    from heygen_ray.models import unwrap_model
+
+    m = unwrap_model(model)
+    root = os.path.join(path, "artifacts")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, CONFIG_FILE), "w") as f:
+        json.dump(model_config(m, model_name, dict(model_overrides or {}), extra), f, indent=2, sort_keys=True)
+    safetensors.torch.save_model(m, os.path.join(root, WEIGHTS_FILE), metadata={"format": "pt"})
+    return path
+
+
 def log_model(
     tracker: Union[Tracker, NullTracker],
     model: "nn.Module",
@@ -154,28 +196,14 @@ def log_model(
         return None
     import mlflow.pyfunc
     import safetensors.torch
-    import torch
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
-    import heygen_ray
     from heygen_ray.models import unwrap_model
 
     m = unwrap_model(model)
     overrides = dict(model_overrides or {})
-    config = {
-        "format": MODEL_FORMAT,
-        "registry_name": model_name,
-        "overrides": overrides,
-        "class": type(m).__name__,
-        "input_names": list(m.input_names),
-        "num_classes": int(m.num_classes),
-        "num_features": int(getattr(m, "num_features", 0) or 0),
-        "dtype": _float_dtype(m),
-        "heygen_ray_version": heygen_ray.__version__,
-        "torch_version": torch.__version__,
-        "extra": dict(extra or {}),
-    }
+    config = model_config(m, model_name, overrides, extra)
     try:
         config_text = json.dumps(config, indent=2, sort_keys=True)
     except TypeError as e:
@@ -324,6 +352,10 @@ def _load_from_files(config_path: str, weights_path: str, map_location: Union[st
     model = create_model(config["registry_name"], **config.get("overrides", {}))
     if int(config.get("num_classes", model.num_classes)) != model.num_classes:
         model.reset_classifier(int(config["num_classes"]))
+    if config.get("architecture"):  # pruned: reshape the preset to the recorded widths first
+        from heygen_ray.compress.prune import apply_architecture
+
+        apply_architecture(model, config["architecture"])
     if config.get("dtype"):
         dtype = getattr(torch, str(config["dtype"]), None)
         if not isinstance(dtype, torch.dtype):

@@ -143,10 +143,12 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
         ) from None
 
 
-def run_training(spec: TrainSpec, *, callbacks: Sequence[Any] = (), mlflow_run_id: Optional[str] = None,
-                 prepared: Optional[Tuple[Dict[str, Any], DataInfo]] = None) -> Dict[str, Any]:
+def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None, *, callbacks: Sequence[Any] = (),
+                 mlflow_run_id: Optional[str] = None, prepared: Optional[Tuple[Dict[str, Any], DataInfo]] = None) -> Dict[str, Any]:
     """Train on the current Ray cluster; returns (and writes) the job's results.
 
+    ``extra_config`` (JSON-able) joins the workers' loop config: ``init_model`` (a model directory to
+    start from, e.g. a pruned student) and ``distill`` ({teacher: model directory, temperature, alpha}).
     ``callbacks``: extra ``ray.train.UserCallback``s (a sweep trial passes Tune's report callback).
     ``mlflow_run_id``: continue that existing run instead of opening a new one (a retried trial).
     ``prepared``: (datasets, info) from ``prepare_data`` for this spec's data, prepared once by a
@@ -174,7 +176,8 @@ def run_training(spec: TrainSpec, *, callbacks: Sequence[Any] = (), mlflow_run_i
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "data_info": info.to_dict(), "run_dir": run_dir,
-                           "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id},
+                           "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id,
+                           **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(

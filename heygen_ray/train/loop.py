@@ -217,7 +217,18 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
 
-    model = build_model(spec, task, info).to(device)
+    if config.get("init_model"):  # a given starting point (the pruned student), e.g. of another shape
+        from heygen_ray.tracking import load_model
+
+        model = load_model(config["init_model"]).train().to(device)
+    else:
+        model = build_model(spec, task, info).to(device)
+    if config.get("distill"):  # the frozen teacher: outside DDP, not checkpointed with the student
+        from heygen_ray.train.tasks import DistillationTask
+        from heygen_ray.tracking import load_model
+
+        d = config["distill"]
+        task = DistillationTask(task, load_model(d["teacher"]).to(device), d["temperature"], d["alpha"])
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
     ema = make_ema(model, spec.ema.decay, spec.ema.warmup) if spec.ema.enabled else None

@@ -431,6 +431,54 @@ def chance_recall(positives: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> Dict
     return out
 
 
+class DistillationTask(Task):
+    """A classification task whose loss is `DistillationLoss` against a frozen teacher:
+    alpha * KD(T) + (1 - alpha) * CE(labels) (alpha = 0: plain fine-tuning).
+
+    The teacher runs inside `inputs` (eval mode, no_grad; outside DDP, never checkpointed), so the
+    training loop is unchanged: targets become (labels, teacher logits), and metrics are the base
+    task's on the labels. (no_grad rather than inference_mode: the teacher's logits enter the KD
+    term's autograd graph as constants, which inference tensors may not.)"""
+
+    def __init__(self, base: Task, teacher: torch.nn.Module, temperature: float = 2.0, alpha: float = 0.5) -> None:
+        from heygen_ray.losses import DistillationLoss
+
+        self.base, self.teacher = base, teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.criterion = DistillationLoss(temperature=temperature, alpha=alpha)
+        self.name, self.columns, self.dtypes = base.name, base.columns, base.dtypes
+        self.primary_metric, self.primary_mode, self.forward_kwargs = base.primary_metric, base.primary_mode, base.forward_kwargs
+
+    def model_overrides(self, info):
+        return self.base.model_overrides(info)
+
+    def example_batch(self, info, batch_size=2):
+        return self.base.example_batch(info, batch_size)
+
+    def inputs(self, batch):
+        inputs, labels = self.base.inputs(batch)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).float()
+        return inputs, (labels, teacher_logits)
+
+    def loss(self, outputs, targets, step=None):
+        labels, teacher_logits = targets
+        return self.criterion(outputs.float(), teacher_logits, labels)[0]
+
+    def new_metrics(self, info):
+        return self.base.new_metrics(info)
+
+    def update_metrics(self, state, outputs, targets):
+        self.base.update_metrics(state, outputs, targets[0])
+
+    def compute_metrics(self, state):
+        return self.base.compute_metrics(state)
+
+    def units_per_sample(self, info):
+        return self.base.units_per_sample(info)
+
+
 def get_task(name: str, **kwargs: Any) -> Task:
     """The task ``name`` (keyword arguments: the task's loss settings)."""
     return TASKS.get(name)(**kwargs)

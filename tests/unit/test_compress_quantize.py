@@ -1,0 +1,89 @@
+"""int8 outputs stay close to fp32 and the artifact is smaller; the safe artifact reloads with the
+restricted loader; bf16 is always available; every variant exports to .pt2; measurement figures."""
+
+import os
+
+import pytest
+import torch
+
+from heygen_ray.compress import measure, quantize
+from heygen_ray.models import create_model
+
+torch.set_num_threads(1)
+
+
+def _vt():
+    torch.manual_seed(0)
+    return create_model("video_transformer_micro").eval()
+
+
+def test_int8_dynamic_close_to_fp32_smaller_and_reloads_weights_only(tmp_path):
+    m = _vt()
+    x = m.example_inputs(4)
+    q = quantize.quantize_int8_dynamic(_vt())  # the same weights (same seed), quantized
+    assert quantize.int8_linear_count(q) == 8  # qkv, proj, fc1, fc2 in 2 blocks; the classifier stays fp32
+    with torch.inference_mode():
+        ref, out = m(**x), q(**x)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 0.05
+    fp32 = tmp_path / "fp32.pt"
+    torch.save(m.state_dict(), fp32)
+    path = quantize.save_int8_dynamic(q, str(tmp_path / "int8.pt"))
+    assert os.path.getsize(path) < 0.6 * os.path.getsize(fp32)
+    again = quantize.load_int8_dynamic(create_model("video_transformer_micro"), path)  # torch.load(weights_only=True)
+    with torch.inference_mode():
+        assert torch.allclose(again(**x), out)
+
+
+@pytest.mark.slow
+def test_int8_static_pt2e_close_to_fp32_after_calibration(tmp_path):
+    m = _vt()
+    x = m.example_inputs(4)
+    calib = [m.example_inputs(4) for _ in range(3)]
+    qm = quantize.quantize_int8_static(m, x, calib)
+    fast = quantize.compile_frozen(qm)
+    with torch.inference_mode():
+        ref, out = m(**x), fast(**x)
+        assert fast(video=x["video"][:1]).shape == (1, m.num_classes)  # dynamic batch
+    assert float((out - ref).abs().max() / ref.abs().max()) < 0.1
+    path = quantize.export_pt2(qm, x, str(tmp_path / "q.pt2"))
+    assert os.path.getsize(path) > 0
+
+
+def test_bf16_variant_channels_last_for_conv3d_and_close():
+    m = create_model("conv_video_encoder_micro").eval()
+    x = m.example_inputs(2)
+    b = quantize.to_bf16(m)
+    assert b.memory_format == torch.channels_last_3d and next(b.model.parameters()).dtype == torch.bfloat16
+    assert b.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        ref, out = m(**x), b(**x)
+    assert out.dtype == torch.float32 and float((out - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_export_pt2_with_dynamic_batch(tmp_path):
+    m = _vt()
+    x = m.example_inputs(3)
+    path = quantize.export_pt2(quantize.to_bf16(m), x, str(tmp_path / "m.pt2"))
+    ep = torch.export.load(path)
+    out = ep.module()(video=x["video"][:1].to(torch.bfloat16))
+    assert out.shape == (1, m.num_classes)
+
+
+def test_measure_reports_every_figure(tmp_path):
+    from heygen_ray.train.tasks import DataInfo, get_task
+
+    task, info = get_task("video_classification"), DataInfo(num_classes=16)
+    m = create_model("conv_video_encoder_micro").eval()
+    batches = [{"video": torch.randint(0, 255, (5, 8, 32, 32, 3), dtype=torch.uint8), "label": torch.arange(5)}]
+    metrics = measure.evaluate(m, batches, task, info, batch_size=8)  # padded 5 -> 8, scored on 5
+    assert metrics["samples"] == 5 and 0.0 <= metrics["accuracy"] <= 1.0
+    x = {k: v for k, v in task.inputs(batches[0])[0].items()}
+    lat = measure.latencies({"a": m, "b": quantize.to_bf16(m)}, {1: {"video": x["video"][:1]}, 8: {"video": x["video"][:1].repeat(8, 1, 1, 1, 1)}},
+                            rounds=1, iters=2, warmup=1)
+    for row in lat.values():
+        for key in ("p50_ms_bs1", "p95_ms_bs1", "p50_ms_bs8", "p95_ms_bs8", "throughput_bs8"):
+            assert row[key] > 0
+        assert row["p95_ms_bs8"] >= row["p50_ms_bs8"]
+    assert measure.flops_per_sample(m, x) == m.flops_per_sample()
+    torch.save(m.state_dict(), tmp_path / "w.pt")
+    assert measure.file_size(str(tmp_path)) == os.path.getsize(tmp_path / "w.pt")
