@@ -185,15 +185,21 @@ def apply_overrides(spec_cls: Type[BaseModel], data: Dict[str, Any], overrides: 
                     f"override {text!r}: unknown field {where!r}{_suggest(part, fields)}; "
                     f"allowed at this level: {', '.join(sorted(fields))}"
                 )
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
+        set_path(out, ".".join(parts), value)
     return out
+
+
+def set_path(data: Dict[str, Any], path: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating (or replacing a non-dict with) dicts on the way."""
+    parts = path.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def load_spec(

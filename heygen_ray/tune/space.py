@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Type, Union
 
 from pydantic import BaseModel
 
+from heygen_ray import config
 from heygen_ray.config import ConfigError, DistributionSpec, Spec, validate_spec
 
 
@@ -130,16 +131,8 @@ def get_path(data: Mapping[str, Any], path: str, default: Any = None) -> Any:
 
 
 def set_path(data: Dict[str, Any], path: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict, creating (or replacing a None with) dicts on the way."""
-    parts = path.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
+    """Set ``a.b.c`` in a nested dict to a copy of ``value`` (dicts created on the way)."""
+    config.set_path(data, path, copy.deepcopy(value))
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
