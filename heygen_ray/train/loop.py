@@ -258,10 +258,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     own_root = os.path.join(config["run_dir"], "checkpoints")
     own = latest_checkpoint(own_root)
     own_step = read_meta(own).step if own is not None else -1
-    parts: Dict[str, Any] = dict(model=model, ema=ema, optimizer=opt, scaler=scaler)
-    if disc is not None:
-        parts.update(modules={"discriminator": disc},
-                     optimizers={"discriminator_optimizer": d_opt, "discriminator_scaler": d_scaler})
+    # the GAN's discriminator and its optimizer state travel in every checkpoint beside the model's
+    gan_parts: Dict[str, Any] = {} if disc is None else dict(
+        modules={"discriminator": disc}, optimizers={"discriminator_optimizer": d_opt, "discriminator_scaler": d_scaler})
+    parts: Dict[str, Any] = dict(model=model, ema=ema, optimizer=opt, scaler=scaler, **gan_parts)
     meta, source = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -350,10 +350,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         metrics.update(last_train)
         checkpoint = None
         if rank == 0:  # our own folder first, then the same directory is handed to Ray Train
-            gan = {} if disc is None else dict(modules={"discriminator": disc},
-                                               optimizers={"discriminator_optimizer": d_opt, "discriminator_scaler": d_scaler})
             path = commit_checkpoint(own_root, spec.keep_checkpoints, model=base, ema=ema, optimizer=opt,
-                                     scheduler=sched, scaler=scaler, step=step, epoch=epoch, **gan,
+                                     scheduler=sched, scaler=scaler, step=step, epoch=epoch, **gan_parts,
                                      data_position={"epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                      spec=spec.to_dict(), extra={"data_info": info.to_dict()})
             checkpoint = Checkpoint.from_directory(path)

@@ -201,16 +201,38 @@ def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, *, max_new_tokens
     return ids
 
 
+class CaptionedClipTask(Task):
+    """The batch contract of tasks on (clip, tokenized caption) pairs: text_to_video and
+    video_text_matching."""
+
+    columns = ("video", "caption_ids", "caption_mask")
+    dtypes = {"video": torch.uint8, "caption_ids": torch.int64, "caption_mask": torch.bool}
+    # model argument <- DataInfo field, for the overrides the data dictates
+    OVERRIDES: Tuple[Tuple[str, str], ...] = ()
+
+    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
+        values = ((key, getattr(info, field)) for key, field in self.OVERRIDES)
+        return {key: int(value) for key, value in values if value}
+
+    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        return {"video": torch.zeros(batch_size, info.clip_frames, info.height, info.width, 3, dtype=torch.uint8),
+                "caption_ids": torch.zeros(batch_size, info.caption_tokens, dtype=torch.int64),
+                "caption_mask": torch.ones(batch_size, info.caption_tokens, dtype=torch.bool)}
+
+    def units_per_sample(self, info):
+        return "frames", int(info.clip_frames or 1)
+
+
 @TASKS.register("text_to_video")
-class TextToVideoTask(Task):
+class TextToVideoTask(CaptionedClipTask):
     """Caption -> clip. Loss: VideoGenerationLoss (pixel + weight-free perceptual + temporal).
     Metrics: PSNR, SSIM and temporal consistency (L1 between consecutive-frame differences), and the
     same for a baseline that always predicts the mean training clip, so progress is visible."""
 
     name = "text_to_video"
-    columns = ("video", "caption_ids", "caption_mask")
-    dtypes = {"video": torch.uint8, "caption_ids": torch.int64, "caption_mask": torch.bool}
     primary_metric = "psnr"
+    OVERRIDES = (("vocab_size", "vocab_size"), ("max_sequence_length", "caption_tokens"), ("max_frames", "clip_frames"),
+                 ("video_height", "height"), ("video_width", "width"))
 
     MEDIA_SAMPLES = 4  # validation captions rendered at each evaluation
 
@@ -225,19 +247,6 @@ class TextToVideoTask(Task):
                                         temporal_downsample_layers=d.get("temporal_downsample_layers", 1))
         self.criterion = VideoGenerationLoss(**weights, discriminator=disc)
         self.discriminator = disc
-
-    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        for key, value in (("vocab_size", info.vocab_size), ("max_sequence_length", info.caption_tokens),
-                           ("max_frames", info.clip_frames), ("video_height", info.height), ("video_width", info.width)):
-            if value:
-                out[key] = int(value)
-        return out
-
-    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
-        return {"video": torch.zeros(batch_size, info.clip_frames, info.height, info.width, 3, dtype=torch.uint8),
-                "caption_ids": torch.zeros(batch_size, info.caption_tokens, dtype=torch.int64),
-                "caption_mask": torch.ones(batch_size, info.caption_tokens, dtype=torch.bool)}
 
     def inputs(self, batch):
         from heygen_ray.data.transforms import video_to_float
@@ -280,9 +289,6 @@ class TextToVideoTask(Task):
         out = {k: float(state[k]) / n for k in keys}
         out["samples"] = float(state["count"])
         return out
-
-    def units_per_sample(self, info):
-        return "frames", int(info.clip_frames or 1)
 
     @torch.no_grad()
     def media(self, model, batch, info):
@@ -329,7 +335,7 @@ def video_quality(prediction: torch.Tensor, target: torch.Tensor) -> Dict[str, t
 
 
 @TASKS.register("video_text_matching")
-class VideoTextMatchingTask(Task):
+class VideoTextMatchingTask(CaptionedClipTask):
     """Does the caption describe the clip? Contrastive loss over the batch (both directions, duplicate
     captions as shared positives) plus the fused match head on the hardest in-batch negatives.
     Metrics: caption -> video recall@1/@5 over the whole validation split (and the chance level of
@@ -337,25 +343,14 @@ class VideoTextMatchingTask(Task):
     over the two classes, so 0.5 is chance)."""
 
     name = "video_text_matching"
-    columns = ("video", "caption_ids", "caption_mask")
-    dtypes = {"video": torch.uint8, "caption_ids": torch.int64, "caption_mask": torch.bool}
     primary_metric = "recall_at_1"
+    OVERRIDES = (("vocab_size", "vocab_size"), ("max_sequence_length", "caption_tokens"), ("num_frames", "clip_frames"),
+                 ("image_size", "height"))
     forward_kwargs = {"outputs": "all"}
     KS = (1, 5)
 
     def __init__(self, contrastive_weight: float = 1.0, match_weight: float = 1.0) -> None:
         self.contrastive_weight, self.match_weight = contrastive_weight, match_weight
-
-    def model_overrides(self, info: DataInfo) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        for key, value in (("vocab_size", info.vocab_size), ("max_sequence_length", info.caption_tokens),
-                           ("num_frames", info.clip_frames), ("image_size", info.height)):
-            if value:
-                out[key] = int(value)
-        return out
-
-    def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
-        return TextToVideoTask.example_batch(self, info, batch_size)  # same batch contract
 
     def inputs(self, batch):
         from heygen_ray.data.transforms import video_to_float
@@ -405,9 +400,6 @@ class VideoTextMatchingTask(Task):
                     "match_accuracy": 0.5 * (float(state["tp"]) / max(float(state["positives"]), 1.0)
                                              + float(state["tn"]) / max(float(state["negatives"]), 1.0))})
         return out
-
-    def units_per_sample(self, info):
-        return "frames", int(info.clip_frames or 1)
 
 
 def retrieval_recall(similarity: torch.Tensor, positives: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> Dict[str, float]:
