@@ -730,21 +730,28 @@ class PruneSpec(Spec):
 
 
 class DistillSpec(Spec):
-    """The pruned student trains from the frozen teacher: alpha * KD(T) + (1 - alpha) * CE.
-    alpha = 0 is plain fine-tuning (the no-teacher control)."""
+    """The pruned student trains from the frozen teacher: alpha * KD(T) + (1 - alpha) * CE
+    [+ hidden_weight * similarity-preserving loss on the pre-logits features]. alpha = 0 (and
+    hidden_weight = 0) is plain fine-tuning (the no-teacher control)."""
 
     enabled: bool = True
     temperature: float = Field(default=2.0, gt=0.0)
     alpha: float = Field(default=0.7, ge=0.0, le=1.0)
+    hidden_weight: float = Field(default=0.0, ge=0.0, description="hidden-state distillation: weight of the "
+                                 "similarity-preserving loss between student and teacher features (any widths)")
 
 
 class QuantizeSpec(Spec):
     """int8 scheme of the final variant (see heygen_ray/compress/quantize.py for formats):
     int8_static = PT2E + X86InductorQuantizer + calibration + compile with freezing;
-    int8_dynamic = torchao W8A8 dynamic + compile. A bf16 variant is always built too."""
+    int8_dynamic = torchao W8A8 dynamic + compile; int8_qat = PT2E quantization-aware fine-tune
+    (in the compression driver, distilling from the teacher) + compile. A bf16 variant is always built too."""
 
-    scheme: Literal["int8_static", "int8_dynamic"] = "int8_static"
+    scheme: Literal["int8_static", "int8_dynamic", "int8_qat"] = "int8_static"
     calibration_batches: int = Field(default=8, ge=1)
+    qat_steps: int = Field(default=40, ge=1, description="int8_qat: fine-tuning steps under fake quantization "
+                           "(distillation from the teacher, batches of 8 from the train split)")
+    qat_lr: float = Field(default=1e-4, gt=0.0)
     export_pt2: bool = True
 
 

@@ -278,14 +278,32 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
+def similarity_preserving_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving distillation (Tung & Mori, 2019): the student's batch similarity matrix
+    should match the teacher's. Features (B, ...) are flattened per sample and centred over the batch
+    (pooled post-ReLU features are all positive: uncentred, every pair looks alike and the term
+    vanishes); G = F F^T (B, B) with rows L2-normalised; loss = ||G_s - G_t||_F^2 / B^2.
+    Independent of the two widths, so a pruned student needs no learned projection (nothing extra
+    to optimise, checkpoint or sync)."""
+    b = student_hidden.shape[0]
+    fs = student_hidden.float().reshape(b, -1)
+    ft = teacher_hidden.detach().float().reshape(b, -1)
+    fs, ft = fs - fs.mean(0, keepdim=True), ft - ft.mean(0, keepdim=True)
+    gs = F.normalize(fs @ fs.t(), p=2, dim=1)
+    gt = F.normalize(ft @ ft.t(), p=2, dim=1)
+    return (gs - gt).pow(2).sum() / (b * b)
+
+
 @LOSSES.register("distillation")
 class DistillationLoss(nn.Module):
-    """alpha * KD(T) + (1 - alpha) * CE(labels) [+ hidden_loss_weight * MSE(proj(h_s), h_t)].
+    """alpha * KD(T) + (1 - alpha) * CE(labels) [+ hidden_loss_weight * hidden term].
 
     Works for classifier logits (B, K) and language-model logits (B, L, V) with labels (B, L)
-    (positions equal to ignore_index are left out of both terms). With
+    (positions equal to ignore_index are left out of both terms). The hidden term compares student
+    and teacher hidden states: ``hidden_loss="mse"``: MSE(proj(h_s), h_t), where with
     student_hidden_dimensions != teacher_hidden_dimensions a learned Linear maps student hidden
-    states to the teacher's width; optimise it with the student (it is a parameter of this module).
+    states to the teacher's width (optimise it with the student: it is a parameter of this module);
+    ``hidden_loss="similarity"``: `similarity_preserving_loss`, no parameters, any widths.
     """
 
     def __init__(
@@ -296,14 +314,17 @@ class DistillationLoss(nn.Module):
         student_hidden_dimensions: Optional[int] = None,
         teacher_hidden_dimensions: Optional[int] = None,
         ignore_index: int = -100,
+        hidden_loss: str = "mse",
     ) -> None:
         super().__init__()
         if temperature <= 0 or not 0.0 <= alpha <= 1.0:
             raise ValueError("need temperature > 0 and 0 <= alpha <= 1")
+        if hidden_loss not in ("mse", "similarity"):
+            raise ValueError(f"hidden_loss must be 'mse' or 'similarity', got {hidden_loss!r}")
         self.temperature, self.alpha, self.hidden_loss_weight = temperature, alpha, hidden_loss_weight
-        self.ignore_index = ignore_index
+        self.ignore_index, self.hidden_loss = ignore_index, hidden_loss
         self.projection: nn.Module = nn.Identity()
-        if student_hidden_dimensions and teacher_hidden_dimensions and student_hidden_dimensions != teacher_hidden_dimensions:
+        if hidden_loss == "mse" and student_hidden_dimensions and teacher_hidden_dimensions and student_hidden_dimensions != teacher_hidden_dimensions:
             self.projection = nn.Linear(student_hidden_dimensions, teacher_hidden_dimensions)
 
     def forward(
@@ -328,7 +349,10 @@ class DistillationLoss(nn.Module):
         if self.hidden_loss_weight > 0:
             if student_hidden is None or teacher_hidden is None:
                 raise ValueError("hidden_loss_weight > 0 needs student_hidden and teacher_hidden")
-            hidden = F.mse_loss(self.projection(student_hidden.float()), teacher_hidden.detach().float())
+            if self.hidden_loss == "similarity":
+                hidden = similarity_preserving_loss(student_hidden, teacher_hidden)
+            else:
+                hidden = F.mse_loss(self.projection(student_hidden.float()), teacher_hidden.detach().float())
             parts["hidden"] = hidden
             total = total + self.hidden_loss_weight * hidden
         parts["total"] = total
@@ -348,6 +372,7 @@ __all__ = [
     "kd_loss",
     "match_loss",
     "psnr",
+    "similarity_preserving_loss",
     "ssim",
     "temporal_consistency_loss",
 ]

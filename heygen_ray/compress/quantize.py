@@ -17,6 +17,9 @@ Schemes:
   real batches -> ``convert_pt2e`` -> ``torch.compile`` with freezing. Static activation scales from
   the task's data. Its only artifact is a ``.pt2`` (``torch.export.save``), which ``torch.export.load``
   reads with pickle as a fallback: load ``.pt2`` files from trusted stores only.
+- ``int8_qat``: the same PT2E path with ``X86InductorQuantizer(is_qat=True)``: fake-quantize
+  observers, a short fine-tune (distillation from the teacher in the stage), convert, compile with
+  freezing. Same ``.pt2`` artifact as ``int8_static``.
 - ``compiled``: the fp32 model through ``torch.compile`` with freezing (what freezing alone gives).
 
 Every variant can be exported with :func:`export_pt2` (dynamic batch dimension).
@@ -36,7 +39,7 @@ from torch import nn
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CUDA kernels only; silences load errors
 
-SCHEMES = ("bf16", "int8_dynamic", "int8_static", "compiled")
+SCHEMES = ("bf16", "int8_dynamic", "int8_static", "int8_qat", "compiled")
 
 
 def has_conv3d(model: nn.Module) -> bool:
@@ -136,7 +139,7 @@ def load_int8_dynamic(fresh: nn.Module, path: str, *, skip_classifier: bool = Tr
 
 
 def quantize_int8_static(model: nn.Module, example_inputs: Mapping[str, torch.Tensor],
-                         calibration: Iterable[Mapping[str, torch.Tensor]], *, qat: bool = False) -> nn.Module:
+                         calibration: Iterable[Mapping[str, torch.Tensor]]) -> nn.Module:
     """PT2E static int8 with the x86 Inductor quantizer: export (dynamic batch), calibrate on
     ``calibration`` batches of real inputs, convert. Returns the converted GraphModule (run it through
     :func:`compile_frozen`). Conv3d layers stay fp32 (the quantizer has no conv3d annotation)."""
@@ -144,8 +147,6 @@ def quantize_int8_static(model: nn.Module, example_inputs: Mapping[str, torch.Te
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    if qat:
-        raise NotImplementedError("quantization-aware training is not wired into the compression stage yet")
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         gm = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=_dynamic_batch(example_inputs)).module()
@@ -161,6 +162,47 @@ def quantize_int8_static(model: nn.Module, example_inputs: Mapping[str, torch.Te
         qm = convert_pt2e(gm)
     _drop_unused_tensors(qm)
     pt2e.allow_exported_model_train_eval(qm)  # its patched .eval() returns None: do not chain it
+    qm.eval()
+    return qm
+
+
+def quantize_int8_qat(model: nn.Module, example_inputs: Mapping[str, torch.Tensor],
+                      batches: Iterable[Any], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor], *,
+                      steps: int, lr: float = 1e-4, seed: int = 0) -> nn.Module:
+    """Quantization-aware int8 (PT2E, ``X86InductorQuantizer(is_qat=True)``): export the model in
+    train mode (dynamic batch), insert fake-quantize observers, fine-tune ``steps`` AdamW steps on
+    ``batches`` (an iterable of (inputs, targets), cycled) with ``loss_fn(outputs, targets)``, then
+    convert. The result is what :func:`quantize_int8_static` returns (static scales, learnt under
+    quantization noise): run it through :func:`compile_frozen`, save it with :func:`export_pt2`."""
+    import itertools
+
+    import torchao.quantization.pt2e as pt2e
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    if steps < 1:
+        raise ValueError("int8_qat needs at least one fine-tuning step")
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model).train()
+    gm = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=_dynamic_batch(example_inputs)).module()
+    q = xiq.X86InductorQuantizer()
+    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    gm = prepare_qat_pt2e(gm, q)
+    pt2e.move_exported_model_to_train(gm)
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    data = list(batches)
+    if not data:
+        raise ValueError("int8_qat needs at least one training batch")
+    for inputs, targets in itertools.islice(itertools.cycle(data), steps):
+        loss = loss_fn(gm(**inputs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    pt2e.move_exported_model_to_eval(gm)
+    with torch.no_grad():
+        qm = convert_pt2e(gm)
+    _drop_unused_tensors(qm)
+    pt2e.allow_exported_model_train_eval(qm)
     qm.eval()
     return qm
 

@@ -26,6 +26,9 @@ from heygen_ray.config import CompressSpec, ConfigError, TrainSpec
 log = logging.getLogger(__name__)
 
 
+INT8_SCHEMES = ("int8_static", "int8_dynamic", "int8_qat")
+
+
 def _train_spec(spec: CompressSpec, name: str, **changes: Any) -> TrainSpec:
     d = spec.train.to_dict()
     d["name"] = name
@@ -151,7 +154,8 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         if spec.distill.enabled:
             distill_out = run_training(tspec, extra_config={
                 "init_model": pruned_dir,
-                "distill": {"teacher": teacher_dir, "temperature": spec.distill.temperature, "alpha": spec.distill.alpha}})
+                "distill": {"teacher": teacher_dir, "temperature": spec.distill.temperature, "alpha": spec.distill.alpha,
+                            "hidden_weight": spec.distill.hidden_weight}})
             distilled = load_student(pruned_dir, distill_out["checkpoint_uri"])
         distilled_dir = save_model_dir(os.path.join(vdir, "pruned_distilled"), distilled, model_name=model_name,
                                        model_overrides=overrides)
@@ -181,8 +185,13 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         final = f"pruned_distilled_{spec.quantize.scheme}"
         qdir = os.path.join(vdir, final)
         os.makedirs(qdir, exist_ok=True)
-        if spec.quantize.scheme == "int8_static":
-            qm = quantize.quantize_int8_static(distilled, example, calib)
+        if spec.quantize.scheme in ("int8_static", "int8_qat"):
+            if spec.quantize.scheme == "int8_qat":
+                qm = quantize.quantize_int8_qat(distilled, example, _qat_batches(spec, tspec, task, teacher),
+                                                _qat_loss(spec), steps=spec.quantize.qat_steps,
+                                                lr=spec.quantize.qat_lr, seed=tspec.seed)
+            else:
+                qm = quantize.quantize_int8_static(distilled, example, calib)
             q_art = quantize.export_pt2(qm, example, os.path.join(qdir, "model.pt2"))
             add(final, quantize.compile_frozen(qm, freezing=True), q_art, distilled)
         else:
@@ -258,6 +267,26 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         parent.end(status)
 
 
+def _qat_batches(spec: CompressSpec, tspec: TrainSpec, task: Any, teacher: Any) -> List[Tuple[Dict[str, Any], Any]]:
+    """(inputs, (labels, teacher logits)) batches of 8 from the train split for the QAT fine-tune."""
+    import torch
+
+    out = []
+    for b in held_out_batches(tspec, task, "train", spec.quantize.qat_steps * 8):
+        inputs, labels = task.inputs(b)
+        with torch.no_grad():
+            out.append((inputs, (labels, teacher(**inputs).float())))
+    return out
+
+
+def _qat_loss(spec: CompressSpec):
+    """The QAT fine-tune keeps distilling: the stage's DistillationLoss (temperature, alpha)."""
+    from heygen_ray.losses import DistillationLoss
+
+    crit = DistillationLoss(temperature=spec.distill.temperature, alpha=spec.distill.alpha)
+    return lambda outputs, targets: crit(outputs.float(), targets[1], targets[0])[0]
+
+
 def load_student(init_dir: str, checkpoint_dir: str):
     """The distilled student: the pruned architecture with the checkpoint's EMA (or raw) weights."""
     from heygen_ray.tracking import load_model
@@ -326,12 +355,12 @@ def _log_variant(spec: CompressSpec, parent: Any, track_cfg: Dict[str, Any], out
                 "calibration_fingerprint": fingerprint, "parent_model": str(lineage.get("parent_model") or lineage.get("parent_uri")),
                 "parent_version": str(lineage.get("parent_version"))}
         child.set_tags({f"heygen_ray.{k}": v for k, v in tags.items()})
-        if row["variant"].endswith(("int8_static", "int8_dynamic")):  # the int8 file itself
+        if row["variant"].endswith(INT8_SCHEMES):  # the int8 file itself
             child.log_artifact(row["artifact"], "variant")
         # the registry holds the loadable model: the fp32/bf16 weights the variant runs from (int8
         # variants: their fp32 source, and the int8 file as the run's "variant" artifact; model.json
         # names the scheme)
-        int8 = row["variant"].endswith(("int8_static", "int8_dynamic"))
+        int8 = row["variant"].endswith(INT8_SCHEMES)
         to_log = arch_model if int8 else runnable.model if isinstance(runnable, CastInputs) else _module(runnable)
         logged = tracking.log_model(
             child, to_log, model_name=model_name, model_overrides=overrides,

@@ -228,10 +228,13 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         from heygen_ray.tracking import load_model
 
         d = config["distill"]
-        task = DistillationTask(task, load_model(d["teacher"]).to(device), d["temperature"], d["alpha"])
+        task = DistillationTask(task, load_model(d["teacher"]).to(device), d["temperature"], d["alpha"],
+                                d.get("hidden_weight", 0.0))
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
     ema = make_ema(model, spec.ema.decay, spec.ema.warmup) if spec.ema.enabled else None
+    if hasattr(task, "attach_student"):
+        task.attach_student(model)
     opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
                             betas=(spec.optim.beta1, spec.optim.beta2), eps=spec.optim.eps)
     sched = schedule_at(opt, spec, 0)

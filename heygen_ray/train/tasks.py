@@ -432,15 +432,35 @@ class DistillationTask(Task):
     task's on the labels. (no_grad rather than inference_mode: the teacher's logits enter the KD
     term's autograd graph as constants, which inference tensors may not.)"""
 
-    def __init__(self, base: Task, teacher: torch.nn.Module, temperature: float = 2.0, alpha: float = 0.5) -> None:
+    def __init__(self, base: Task, teacher: torch.nn.Module, temperature: float = 2.0, alpha: float = 0.5,
+                 hidden_weight: float = 0.0) -> None:
         from heygen_ray.losses import DistillationLoss
 
         self.base, self.teacher = base, teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.criterion = DistillationLoss(temperature=temperature, alpha=alpha)
+        self.criterion = DistillationLoss(temperature=temperature, alpha=alpha, hidden_loss_weight=hidden_weight,
+                                          hidden_loss="similarity")
         self.name, self.columns, self.dtypes = base.name, base.columns, base.dtypes
         self.primary_metric, self.primary_mode, self.forward_kwargs = base.primary_metric, base.primary_mode, base.forward_kwargs
+        self._hidden: Dict[str, torch.Tensor] = {}
+        if hidden_weight > 0:
+            self._watch(self.teacher, "teacher")
+
+    def _watch(self, model: torch.nn.Module, who: str) -> None:
+        """Keep the pre-logits features (the classifier's input) of every forward of ``model``."""
+        from heygen_ray.models import unwrap_model
+
+        def hook(module, args, output):
+            self._hidden[who] = args[0]
+
+        unwrap_model(model).get_classifier().register_forward_hook(hook)
+
+    def attach_student(self, model: torch.nn.Module) -> None:
+        """Hidden-state distillation reads the student's features from its own (DDP) forward through
+        a hook on its classifier. Call after the EMA copy is made (a deep copy would copy the hook)."""
+        if self.criterion.hidden_loss_weight > 0:
+            self._watch(model, "student")
 
     def model_overrides(self, info):
         return self.base.model_overrides(info)
@@ -456,7 +476,10 @@ class DistillationTask(Task):
 
     def loss(self, outputs, targets, step=None):
         labels, teacher_logits = targets
-        return self.criterion(outputs.float(), teacher_logits, labels)[0]
+        hidden = {}
+        if self.criterion.hidden_loss_weight > 0:
+            hidden = {"student_hidden": self._hidden.get("student"), "teacher_hidden": self._hidden.get("teacher")}
+        return self.criterion(outputs.float(), teacher_logits, labels, **hidden)[0]
 
     def new_metrics(self, info):
         return self.base.new_metrics(info)

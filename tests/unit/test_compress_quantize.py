@@ -87,3 +87,27 @@ def test_measure_reports_every_figure(tmp_path):
     assert measure.flops_per_sample(m, x) == m.flops_per_sample()
     torch.save(m.state_dict(), tmp_path / "w.pt")
     assert measure.file_size(str(tmp_path)) == os.path.getsize(tmp_path / "w.pt")
+
+
+@pytest.mark.slow
+def test_int8_qat_fine_tune_learns_under_fake_quantization_and_converts(tmp_path):
+    """A QAT fine-tune on one fixed batch with fresh labels: the converted int8 model fits those labels
+    better than the model it started from (the training happened, through the fake-quantize
+    observers, and survived conversion); the result compiles, takes any batch size and exports."""
+    import torch.nn.functional as F
+
+    m = _vt()
+    x = m.example_inputs(8)
+    labels = torch.arange(8) % m.num_classes
+    with torch.no_grad():
+        before = F.cross_entropy(m(**x), labels).item()
+    qm = quantize.quantize_int8_qat(m, x, [(x, labels)], lambda out, y: F.cross_entropy(out, y), steps=30, lr=3e-3)
+    assert any("quantize_per_tensor" in str(n.target) for n in qm.graph.nodes)  # real q/dq, not fake-quant
+    fast = quantize.compile_frozen(qm)
+    with torch.inference_mode():
+        after = F.cross_entropy(fast(**x), labels).item()
+        assert fast(video=x["video"][:1]).shape == (1, m.num_classes)
+    assert after < 0.5 * before, (before, after)
+    assert os.path.getsize(quantize.export_pt2(qm, x, str(tmp_path / "qat.pt2"))) > 0
+    with pytest.raises(ValueError, match="at least one"):
+        quantize.quantize_int8_qat(m, x, [], lambda out, y: out.sum(), steps=1)

@@ -217,3 +217,35 @@ def test_adversarial_term_and_discriminator_step():
     assert d_parts["discriminator"].item() == pytest.approx(d_loss.item())
     with pytest.raises(RuntimeError):
         VideoGenerationLoss().discriminator_loss(pred, target)
+
+
+def test_similarity_preserving_loss_against_hand_computed_value():
+    """Tung & Mori (2019) on batch-centred features: G = F F^T, rows L2-normalised,
+    loss = ||G_s - G_t||_F^2 / B^2."""
+    from heygen_ray.losses import similarity_preserving_loss
+
+    fs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])  # batch mean 0 already
+    ft = torch.tensor([[1.0], [-1.0], [0.0]])  # the teacher is 1 wide; mean 0 already
+    # G_s = [[1,0,-1],[0,1,-1],[-1,-1,2]], row norms sqrt2, sqrt2, sqrt6
+    # G_t = [[1,-1,0],[-1,1,0],[0,0,0]], row norms sqrt2, sqrt2, 0 (a zero row stays 0)
+    # rows of G_s - G_t (normalised): [0, r, -r], [r, 0, -r], [-1, -1, 2]/sqrt6 with r = 1/sqrt2
+    # squared sums 1, 1, 1 -> 3 / B^2 = 1/3
+    assert similarity_preserving_loss(fs, ft).item() == pytest.approx(1 / 3, rel=1e-6)
+    # centred: a constant offset changes nothing; (B, N, D) features are flattened per sample
+    assert similarity_preserving_loss(fs + 5.0, ft - 2.0).item() == pytest.approx(1 / 3, rel=1e-6)
+    assert similarity_preserving_loss(fs.reshape(3, 1, 2), ft).item() == pytest.approx(1 / 3, rel=1e-6)
+    # width-independent: the same features padded with zeros (another width), scaled, agree exactly
+    assert similarity_preserving_loss(3.0 * torch.cat([fs, torch.zeros(3, 5)], 1), fs).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distillation_loss_similarity_hidden_mode_needs_no_projection():
+    from heygen_ray.losses import similarity_preserving_loss
+
+    crit = DistillationLoss(temperature=1.0, alpha=1.0, hidden_loss_weight=2.0, hidden_loss="similarity")
+    assert isinstance(crit.projection, torch.nn.Identity) and not list(crit.parameters())
+    hs, ht = torch.randn(4, 8), torch.randn(4, 16)
+    loss, parts = crit(STUDENT, TEACHER, student_hidden=hs, teacher_hidden=ht)
+    assert parts["hidden"].item() == pytest.approx(similarity_preserving_loss(hs, ht).item())
+    assert loss.item() == pytest.approx(parts["kd"].item() + 2.0 * parts["hidden"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="hidden_loss"):
+        DistillationLoss(hidden_loss="cosine")

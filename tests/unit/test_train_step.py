@@ -175,3 +175,34 @@ def test_text_to_video_metrics_include_the_mean_clip_baseline():
     # prediction error 0.5 -> 10 log10(4 / 0.25) = 12.04 dB; the baseline (0.25 off) -> 18.06 dB
     assert m["psnr"] == pytest.approx(12.0412, abs=1e-3) and m["baseline_psnr"] == pytest.approx(18.0618, abs=1e-3)
     assert m["samples"] == 2
+
+
+def test_hidden_state_distillation_reads_both_models_features_from_their_own_forwards():
+    """The student is narrower than the teacher (as after pruning): the similarity-preserving term
+    compares their pre-logits features from the very forwards the loss uses, and its gradient
+    reaches the student's backbone; hidden_weight = 0 leaves the plain KD + CE loss."""
+    from heygen_ray.losses import DistillationLoss, similarity_preserving_loss
+    from heygen_ray.train.tasks import DistillationTask
+
+    torch.manual_seed(0)
+    teacher = create_model("conv_video_encoder_micro", num_classes=4).eval()
+    student = create_model("conv_video_encoder_micro", num_classes=4, stage_channels=(8, 16, 24))
+    batch = {"video": torch.randint(0, 256, (3, 8, 32, 32, 3), dtype=torch.uint8), "label": torch.tensor([0, 1, 3])}
+    task = DistillationTask(get_task("video_classification"), teacher, temperature=2.0, alpha=0.5, hidden_weight=3.0)
+    task.attach_student(student)
+    inputs, targets = task.inputs(batch)
+    out = student(**inputs)
+    loss = task.loss(out, targets)
+    with torch.no_grad():
+        h_s = student.forward_head(student.forward_features(**inputs), pre_logits=True)
+        h_t = teacher.forward_head(teacher.forward_features(**inputs), pre_logits=True)
+    assert h_s.shape[1] == 24 and h_t.shape[1] == 64
+    base = DistillationLoss(temperature=2.0, alpha=0.5)(out.float(), targets[1], targets[0])[0]
+    expected = base + 3.0 * similarity_preserving_loss(h_s, h_t)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert similarity_preserving_loss(h_s, h_t).item() > 1e-4  # the term is really there
+    loss.backward()
+    assert student.stem[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    plain = DistillationTask(get_task("video_classification"), teacher, temperature=2.0, alpha=0.5)
+    assert plain.loss(out.detach(), targets).item() == pytest.approx(base.item(), rel=1e-6)
