@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import logging
 import sys
 from pathlib import Path
@@ -150,19 +151,62 @@ def data_run(
 def pipeline_run(
     config: Path = typer.Option(Path("configs/pipeline/quickstart.yaml"), "--config", "-c"),
     overrides: Optional[List[str]] = OVERRIDES,
-    smoke_test: bool = typer.Option(False, "--smoke-test", help="tiny sizes"),
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="tiny sizes for every stage"),
+    force: Optional[List[str]] = typer.Option(None, "--force", help="rerun this stage (data, train, train.<entry>, "
+                                              "tune, compress, serve) and what depends on it; repeatable"),
     results: Optional[Path] = typer.Option(None, help="write a JSON summary here (default: <output_dir>/results.json)"),
 ) -> None:
-    """Run the pipeline's stages in order (so far: data)."""
+    """Run the pipeline: data -> train -> tune -> compress -> serve. Finished stages whose inputs,
+    config and code are unchanged are skipped (see <output_dir>/ledger.json)."""
     from heygen_ray.pipeline import run_pipeline
 
     spec: PipelineSpec = _load(PipelineSpec, config, overrides, "pipeline" if smoke_test else None)
     progress, update = _progress_printer()
-    with progress:
-        summary = run_pipeline(spec, on_progress=update)
-    if "data" in summary["stages"]:
-        print_data_summary(summary["stages"]["data"])
+    t_start = time.perf_counter()
+
+    def event(unit: str, what: str, info: Dict[str, Any]) -> None:
+        elapsed = f"[{time.perf_counter() - t_start:6.1f} s]"
+        if what == "finished":
+            line = f"{elapsed} [green]done[/]     {unit} in {info['seconds']:.1f} s" + (f"  ({info['metric']})" if info.get("metric") else "")
+        elif what == "skipped":
+            line = f"{elapsed} [cyan]skipped[/]  {unit} (unchanged since {info.get('finished_at', '?')})"
+        elif what == "failed":
+            line = f"{elapsed} [red]failed[/]   {unit}: {info.get('error', '')[:300]}"
+        else:
+            line = f"{elapsed} [bold]{what}[/]  {unit}"
+        progress.console.print(line, soft_wrap=True, highlight=False)
+
+    try:
+        with progress:
+            summary = run_pipeline(spec, force=force or (), on_progress=update, on_event=event)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    t = Table(title=f"pipeline {summary['name']} ({summary['seconds']:.0f} s)")
+    for col in ("stage", "status", "key metric", "seconds"):
+        t.add_column(col)
+    for row in summary["summary"]:
+        t.add_row(row["stage"], row["status"], str(row.get("metric") or ""), f"{row['seconds']:.1f}")
+    console.print(t)
+    print_where_to_look(summary)
     _write_results(results or Path(spec.output_dir) / "results.json", summary)
+
+
+def print_where_to_look(summary: Dict[str, Any]) -> None:
+    uri = summary.get("tracking_uri") or ""
+    lines = [f"ledger:    {summary['ledger']}"]
+    if uri.startswith("sqlite:"):
+        lines.append(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  ->  http://127.0.0.1:5000")
+    elif uri:
+        lines.append(f"MLflow UI: {uri}")
+    serve = summary["stages"].get("serve") or {}
+    if serve.get("url"):
+        lines.append(f"Serve:     {serve['url']}  (GET /v1/models; stop: make stop)" if serve.get("running")
+                     else f"Serve:     was {serve['url']} (shut down after the smoke requests)")
+    if serve.get("dashboard_url"):
+        lines.append(f"Ray dashboard: {serve['dashboard_url']}")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("train")

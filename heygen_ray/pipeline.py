@@ -1,23 +1,508 @@
-"""The end-to-end stage runner. Stages run in the order of ``spec.stages``; each returns a summary."""
+"""The end-to-end pipeline: data -> train -> tune -> compress -> serve, with a stage ledger.
+
+Every stage unit (``data``, ``train.<entry>``, ``tune``, ``compress``, ``serve``) is planned and
+validated before anything runs (`plan_pipeline`: a bad stage config fails here, naming the stage, the
+file and the field). Each unit gets a content key: the sha256 of its resolved spec, the keys of the
+units it consumes, the data fingerprint and the code version. `<output_dir>/ledger.json` records
+each unit's key, status and outputs; a re-submitted pipeline skips a unit whose key is unchanged and
+finished, resumes an unfinished training from its checkpoint (same run folder, same MLflow run), and
+starts a unit afresh when its key changed. ``force`` reruns the named stages and everything
+downstream. Serve always runs (a deployment does not outlive its cluster).
+
+One MLflow parent run per pipeline submission, a child run per stage; the stages' own runs (training
+runs, sweep trials, compression variants) nest under their stage's run.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from heygen_ray.config import PipelineSpec
+import yaml
+
+from heygen_ray import fsutil
+from heygen_ray.config import (
+    SMOKE_OVERRIDES, CompressSpec, ConfigError, PipelineSpec, Spec, StageRefSpec, SweepSpec, TrainSpec,
+    load_yaml, parse_override, set_path, validate_spec,
+)
+
+LEDGER_VERSION = 1
+Progress = Callable[[str, int, Optional[int]], None]
 
 
-def run_pipeline(spec: PipelineSpec, *, on_progress: Optional[Callable[[str, int, int], None]] = None) -> Dict[str, Any]:
-    from heygen_ray.runtime import init_ray
+# --------------------------------------------------------------------------------------------------
+# Planning (no Ray): every stage spec resolved and validated up front
+# --------------------------------------------------------------------------------------------------
 
-    init_ray(spec.ray)
-    out: Dict[str, Any] = {"name": spec.name, "spec_fingerprint": spec.fingerprint(), "stages": {}, "seconds": {}}
-    for stage in spec.stages:
+
+@dataclass
+class Unit:
+    """One ledger entry: a stage (or one training of the train stage) with its resolved spec."""
+
+    name: str  # data | train.<entry> | tune | compress | serve
+    stage: str
+    spec: Any  # the validated stage spec (DataSpec, TrainSpec, SweepSpec, CompressSpec) or a dict (serve)
+    deps: List[str] = field(default_factory=list)
+    run_dir: str = ""
+
+
+def _stage_dict(ref: StageRefSpec, where: str, smoke_key: Optional[str], smoke: bool) -> Dict[str, Any]:
+    try:
+        d = load_yaml(ref.config)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.config: {err}") from None
+    for path, value in ref.overrides.items():
+        set_path(d, path, value)
+    if smoke and smoke_key:
+        for text in SMOKE_OVERRIDES[smoke_key]:
+            path, value = parse_override(text)
+            set_path(d, ".".join(path), value)
+    return d
+
+
+def _validated(cls, d: Dict[str, Any], where: str, ref: StageRefSpec):
+    shown = f"pipeline {where} ({ref.config}" + (f" + overrides {sorted(ref.overrides)})" if ref.overrides else ")")
+    return validate_spec(cls, d, source=shown)
+
+
+def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
+    """The units in run order, every stage spec validated. The pipeline owns the data set (each
+    stage's ``data.synth`` and manifest become the pipeline's), the run folders
+    (``<output_dir>/<stage>/``) and tracking (one store, runs nested under the stage's run)."""
+    out_dir = fsutil.absolute(spec.output_dir)
+    synth = spec.data.synth.to_dict() if spec.data.synth is not None else None
+    manifest = spec.data.video.manifest
+    units: List[Unit] = []
+
+    def own_data(d: Dict[str, Any]) -> None:
+        data = d.setdefault("data", {})
+        if synth is not None:
+            data["synth"] = dict(synth)
+        video = data.setdefault("video", {})
+        if manifest is not None or synth is not None:
+            video.pop("manifest", None)
+            if manifest is not None:
+                video["manifest"] = manifest
+        text = data.setdefault("text", {})
+        for k in ("corpus", "tokenizer_dir"):
+            if getattr(spec.data.text, k, None) is not None:
+                text[k] = getattr(spec.data.text, k)
+
+    if "data" in spec.stages:
+        units.append(Unit("data", "data", spec.data, [], os.path.join(out_dir, "data")))
+    if "train" in spec.stages:
+        for entry, ref in spec.train.items():
+            where = f"train.{entry}"
+            d = _stage_dict(ref, where, "train", spec.smoke)
+            own_data(d)
+            d["name"] = entry
+            d["run_dir"] = os.path.join(out_dir, "train")
+            units.append(Unit(where, "train", _validated(TrainSpec, d, where, ref), ["data"] if "data" in spec.stages else [],
+                              os.path.join(out_dir, "train", entry)))
+    if "tune" in spec.stages:
+        d = _stage_dict(spec.tune, "tune", "sweep", spec.smoke)
+        own_data(d.setdefault("train", {}))
+        d["run_dir"] = os.path.join(out_dir, "tune")
+        sweep = _validated(SweepSpec, d, "tune", spec.tune)
+        from heygen_ray.tune.sweep import plan_sweep
+
+        try:
+            plan_sweep(sweep)  # the base, the space and the metric, checked before anything runs
+        except ConfigError as err:
+            raise ConfigError(f"pipeline tune ({spec.tune.config}): {err}") from None
+        units.append(Unit("tune", "tune", sweep, ["data"] if "data" in spec.stages else [],
+                          os.path.join(out_dir, "tune", sweep.name)))
+    if "compress" in spec.stages:
+        ref = spec.compress
+        d = _stage_dict(ref, "compress", "compress", spec.smoke)
+        own_data(d.setdefault("train", {}))
+        d["run_dir"] = os.path.join(out_dir, "compress")
+        d.setdefault("gate", {})["alias"] = spec.champion_alias
+        d["teacher"] = None  # set to the teacher's registered version when the stage runs
+        cspec = _validated(CompressSpec, d, "compress", ref)
+        units.append(Unit("compress", "compress", cspec, [f"train.{ref.teacher}"], os.path.join(out_dir, "compress", cspec.name)))
+    if "serve" in spec.stages:
+        ref = spec.serve
+        d = _stage_dict(ref, "serve", None, spec.smoke)
+        deps = [src for src in (ref.classify, ref.generate, ref.complete, ref.match) if src]
+        units.append(Unit("serve", "serve", d, sorted(set(deps)), os.path.join(out_dir, "serve")))
+    return units
+
+
+# --------------------------------------------------------------------------------------------------
+# The ledger
+# --------------------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """A hash of the package's source files (a job's working dir has no git metadata)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                p = os.path.join(dirpath, fn)
+                h.update(os.path.relpath(p, root).encode())
+                with open(p, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(manifest: Optional[str]) -> Optional[str]:
+    """sha256 of the manifest file (it lists every clip's sha256): the data's identity."""
+    if not manifest or not fsutil.exists(manifest):
+        return None
+    return hashlib.sha256(fsutil.read_bytes(manifest)).hexdigest()[:16]
+
+
+def unit_key(unit: Unit, input_keys: Mapping[str, str], data_fp: Optional[str], code: str) -> str:
+    spec = unit.spec.to_dict() if isinstance(unit.spec, Spec) else unit.spec
+    blob = json.dumps({"unit": unit.name, "spec": spec, "inputs": dict(sorted(input_keys.items())),
+                       "data": data_fp, "code": code}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """``<output_dir>/ledger.json``: {unit: {key, status, outputs, seconds, finished_at, ...}}."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.entries: Dict[str, Dict[str, Any]] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("version") == LEDGER_VERSION:
+                self.entries = data.get("units", {})
+
+    def get(self, name: str) -> Optional[Dict[str, Any]]:
+        return self.entries.get(name)
+
+    def record(self, name: str, **entry: Any) -> None:
+        self.entries[name] = {**self.entries.get(name, {}), **entry, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"version": LEDGER_VERSION, "units": self.entries}, f, indent=2, default=str)
+        os.replace(tmp, self.path)
+
+
+def downstream(units: Sequence[Unit], forced: Iterable[str]) -> List[str]:
+    """The units named by ``forced`` (a stage such as ``train`` or a unit such as
+    ``train.text_to_video``) and every unit that consumes one of them."""
+    names = {u.name for u in units}
+    stages = {u.stage for u in units}
+    out: set = set()
+    for f in forced:
+        if f not in names and f not in stages:
+            raise ConfigError(f"--force {f}: not a stage of this pipeline (stages: {', '.join(u.name for u in units)})")
+        out |= {u.name for u in units if u.name == f or u.stage == f}
+    changed = True
+    while changed:
+        changed = False
+        for u in units:
+            if u.name not in out and any(d in out for d in u.deps):
+                out.add(u.name)
+                changed = True
+    return [u.name for u in units if u.name in out]
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress of training steps (reported by the Train controller, read by the driver)
+# --------------------------------------------------------------------------------------------------
+
+_KV_NS = "heygen_ray"
+
+
+def _progress_key(unit: str) -> bytes:
+    return f"pipeline_progress:{unit}".encode()
+
+
+def _train_progress_callback(unit: str, total: int):
+    from ray.train import UserCallback
+
+    class ReportProgress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            from ray.experimental import internal_kv
+
+            steps = [m.get("step") for m in (metrics or []) if isinstance(m, dict) and m.get("step") is not None]
+            if steps:
+                internal_kv._internal_kv_put(_progress_key(unit), json.dumps([int(max(steps)), total]).encode(),
+                                             overwrite=True, namespace=_KV_NS)
+
+    return ReportProgress()
+
+
+class _Poller:
+    """Forwards a unit's step counts from Ray's KV store to ``on_progress`` while the unit runs."""
+
+    def __init__(self, unit: str, on_progress: Optional[Progress], total: Optional[int]) -> None:
+        self.unit, self.on_progress, self.total = unit, on_progress, total
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_Poller":
+        if self.on_progress:
+            self.on_progress(self.unit, 0, self.total)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from ray.experimental import internal_kv
+
+        while not self._stop.wait(1.0):
+            try:
+                raw = internal_kv._internal_kv_get(_progress_key(self.unit), namespace=_KV_NS)
+            except Exception:  # noqa: BLE001 (Ray shutting down)
+                return
+            if raw:
+                done, total = json.loads(raw)
+                self.on_progress(self.unit, done, total)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _tracking(base: Dict[str, Any], uri: Optional[str], parent: Optional[str], enabled: bool, **extra: Any) -> Dict[str, Any]:
+    t = dict(base or {})
+    t.update(enabled=enabled and t.get("enabled", True), tracking_uri=uri, parent_run_id=parent, **extra)
+    return t
+
+
+def _set_champion(name: Optional[str], version: Optional[str], alias: str, uri: Optional[str]) -> bool:
+    if not (name and version and uri):
+        return False
+    from heygen_ray.tracking import set_alias
+
+    set_alias(name, alias, version, tracking_uri=uri)
+    return True
+
+
+def _gate_passes(gate: Any, metrics: Mapping[str, Any]) -> Optional[bool]:
+    if gate is None:
+        return True
+    value = metrics.get(gate.metric)
+    if not isinstance(value, (int, float)):
+        return False
+    return value >= gate.min_value if gate.min_value is not None else value <= gate.max_value
+
+
+class PipelineRun:
+    def __init__(self, spec: PipelineSpec, *, force: Sequence[str] = (), on_progress: Optional[Progress] = None,
+                 on_event: Optional[Callable[[str, str, Dict[str, Any]], None]] = None) -> None:
+        self.spec = spec
+        self.units = plan_pipeline(spec)  # fails here on any bad stage config, before Ray starts
+        self.forced = set(downstream(self.units, force)) if force else set()
+        self.out_dir = fsutil.absolute(spec.output_dir)
+        self.ledger = Ledger(os.path.join(self.out_dir, "ledger.json"))
+        self.on_progress, self.on_event = on_progress, on_event or (lambda *a: None)
+        self.code = code_version()
+        self.keys: Dict[str, str] = {}
+        self.outputs: Dict[str, Dict[str, Any]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        from heygen_ray import tracking
+        from heygen_ray.runtime import init_ray
+
+        spec = self.spec
+        os.makedirs(self.out_dir, exist_ok=True)
+        init_ray(spec.ray)
+        trk = tracking.resolve_spec(spec.tracking, self.out_dir)
+        self.tracking_uri = trk.tracking_uri if trk.enabled else None
+        parent = tracking.make_tracker(trk, self.out_dir, run_name=f"pipeline-{spec.name}",
+                                       tags={"heygen_ray.pipeline": spec.name})
+        parent.start()
+        parent.log_params({"stages": ",".join(u.name for u in self.units), "code_version": self.code,
+                           "forced": ",".join(sorted(self.forced))})
+        parent.log_dict(spec.to_dict(), "pipeline.json")
         t0 = time.perf_counter()
-        if stage == "data":
-            from heygen_ray.data.stage import run_data_stage
+        rows: List[Dict[str, Any]] = []
+        status = "FAILED"
+        stage_runs: Dict[str, Any] = {}
+        try:
+            for unit in self.units:
+                if unit.stage not in stage_runs:
+                    stage_runs[unit.stage] = tracking.make_tracker(trk, self.out_dir, run_name=f"stage:{unit.stage}",
+                                                                   nested_under=parent, tags={"heygen_ray.stage": unit.stage})
+                    stage_runs[unit.stage].start()
+                rows.append(self._run_unit(unit, stage_runs[unit.stage]))
+            status = "FINISHED"
+        finally:
+            for s in stage_runs.values():
+                s.end(status if status == "FINISHED" else "FAILED")
+            parent.log_metrics({"seconds": time.perf_counter() - t0})
+            parent.end(status)
+        result = {
+            "name": spec.name, "spec_fingerprint": spec.fingerprint(), "code_version": self.code,
+            "seconds": round(time.perf_counter() - t0, 2), "summary": rows, "stages": self.outputs,
+            "ledger": self.ledger.path, "tracking_uri": self.tracking_uri, "mlflow_run_id": getattr(parent, "run_id", None),
+        }
+        return result
 
-            out["stages"]["data"] = run_data_stage(spec.data, on_progress=on_progress)
-        out["seconds"][stage] = round(time.perf_counter() - t0, 2)
-    return out
+    def _run_unit(self, unit: Unit, stage_run: Any) -> Dict[str, Any]:
+        data_fp = data_fingerprint(self._manifest_path()) if unit.stage != "data" else None
+        key = unit_key(unit, {d: self.keys.get(d, "") for d in unit.deps}, data_fp, self.code)
+        self.keys[unit.name] = key
+        prev = self.ledger.get(unit.name)
+        fresh = prev is None or prev.get("key") != key or unit.name in self.forced
+        if prev is not None and not fresh and prev.get("status") == "finished" and unit.stage != "serve":
+            self.outputs[unit.name] = prev.get("outputs", {})
+            self.on_event(unit.name, "skipped", prev)
+            stage_run.set_tags({f"heygen_ray.{unit.name}.status": "skipped"})
+            return {"stage": unit.name, "status": "skipped", "key": key, "metric": prev.get("metric"),
+                    "seconds": 0.0, "previous_seconds": prev.get("seconds")}
+        resume = None
+        if fresh:
+            if os.path.isdir(unit.run_dir) and unit.stage in ("train", "tune", "compress"):
+                shutil.rmtree(unit.run_dir)  # another config (or --force): start afresh
+        elif prev.get("status") in ("running", "failed"):
+            resume = prev  # the same unit, unfinished: resume from its checkpoint and MLflow run
+        self.ledger.record(unit.name, key=key, status="running", stage=unit.stage, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.on_event(unit.name, "resuming" if resume else "started", {})
+        t0 = time.perf_counter()
+        try:
+            outputs, metric = getattr(self, f"_run_{unit.stage}")(unit, stage_run, resume)
+        except BaseException as err:
+            self.ledger.record(unit.name, status="failed", error=str(err).splitlines()[0][:500] if str(err) else repr(err),
+                               seconds=round(time.perf_counter() - t0, 2))
+            self.on_event(unit.name, "failed", {"error": str(err)})
+            raise
+        seconds = round(time.perf_counter() - t0, 2)
+        self.outputs[unit.name] = outputs
+        self.ledger.record(unit.name, status="finished", outputs=outputs, metric=metric, seconds=seconds,
+                           resumed=bool(resume), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        stage_run.log_metrics({f"{unit.name}.seconds": seconds})
+        self.on_event(unit.name, "finished", {"seconds": seconds, "metric": metric})
+        return {"stage": unit.name, "status": "resumed" if resume else "ran", "key": key, "metric": metric, "seconds": seconds}
+
+    def _manifest_path(self) -> Optional[str]:
+        d = self.spec.data
+        if d.video.manifest:
+            return fsutil.absolute(d.video.manifest)
+        if d.synth is not None:
+            return os.path.join(fsutil.absolute(d.synth.output_dir), "manifest.parquet")
+        return None
+
+    # -- stages ------------------------------------------------------------------------------------
+    def _run_data(self, unit: Unit, stage_run: Any, resume: Any):
+        from heygen_ray.data.stage import run_data_stage
+
+        summary = run_data_stage(unit.spec, on_progress=self.on_progress)
+        manifest = summary["video"]["manifest"]
+        clips = sum(s["clips"] for s in summary["video"]["splits"].values())
+        dropped = sum(s["dropped"] for s in summary["video"]["splits"].values())
+        stage_run.log_metrics({"clips": clips, "dropped": dropped, "text_sequences": summary["text"]["sequences"]})
+        out = {"manifest": manifest, "fingerprint": data_fingerprint(self._manifest_path()), "clips": clips,
+               "dropped": dropped, "num_classes": summary["video"]["num_classes"], "summary": summary}
+        return out, f"{clips} clips, {dropped} dropped"
+
+    def _run_train(self, unit: Unit, stage_run: Any, resume: Any):
+        from heygen_ray.train.driver import run_training
+        from heygen_ray.train.loop import task_for
+
+        entry = unit.name.split(".", 1)[1]
+        d = unit.spec.to_dict()
+        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
+                                  bool(self.tracking_uri))
+        spec = TrainSpec.from_dict(d, source=unit.name)
+        # the training's MLflow run is opened here and kept in the ledger, so a resubmission after a
+        # crash continues the same run (run_training reopens it) as it continues the checkpoints
+        run_id = (resume or {}).get("mlflow_run_id")
+        if run_id is None and spec.tracking.enabled:
+            from heygen_ray import tracking
+
+            tr = tracking.make_tracker(spec.tracking.to_dict(), unit.run_dir, run_name=entry)
+            tr.start()
+            run_id = tr.run_id
+        self.ledger.record(unit.name, run_dir=unit.run_dir, mlflow_run_id=run_id)
+        with _Poller(unit.name, self.on_progress, spec.steps):
+            res = run_training(spec, callbacks=[_train_progress_callback(unit.name, spec.steps)], mlflow_run_id=run_id)
+        task = task_for(spec)
+        metric_name = f"val_{'ema_' if spec.ema.enabled else ''}{task.primary_metric}"
+        value = res["metrics"].get(metric_name)
+        gate = self.spec.train[entry].gate
+        passes = _gate_passes(gate, res["metrics"])
+        champion = passes and _set_champion(res.get("registered_model_name"), res.get("model_version"),
+                                            self.spec.champion_alias, self.tracking_uri)
+        out = {k: res.get(k) for k in ("model_uri", "registered_model_name", "model_version", "checkpoint_uri",
+                                       "mlflow_run_id", "run_dir", "seconds")}
+        out.update(task=spec.task, metric=metric_name, value=value, champion=bool(champion), passes_gate=passes,
+                   champion_uri=f"models:/{res['registered_model_name']}@{self.spec.champion_alias}" if champion else None)
+        return out, f"{metric_name}={value:.4g}" if isinstance(value, (int, float)) else None
+
+    def _run_tune(self, unit: Unit, stage_run: Any, resume: Any):
+        from heygen_ray.tune.sweep import run_sweep
+
+        d = unit.spec.to_dict()
+        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
+                                  bool(self.tracking_uri))
+        res = run_sweep(SweepSpec.from_dict(d, source="tune"))
+        champion = _set_champion(res.get("registered_model_name"), res.get("model_version"), self.spec.champion_alias,
+                                 self.tracking_uri)
+        best = res.get("best") or {}
+        out = {"best": best, "metric": res["metric"], "trials": res["trials"], "trials_completed": res["trials_completed"],
+               "trials_stopped_early": res["trials_stopped_early"], "best_config_path": res["best_config_path"],
+               "registered_model_name": res.get("registered_model_name"), "model_version": res.get("model_version"),
+               "model_uri": res.get("model_uri"), "champion": bool(champion),
+               "champion_uri": f"models:/{res['registered_model_name']}@{self.spec.champion_alias}" if champion else None}
+        metric = f"best {res['metric']}={best.get('metric'):.4g} ({res['trials']} trials)" if best else None
+        return out, metric
+
+    def _run_compress(self, unit: Unit, stage_run: Any, resume: Any):
+        from heygen_ray.compress.stage import run_compression
+
+        teacher = self.outputs.get(unit.deps[0]) or {}
+        uri = (f"models:/{teacher['registered_model_name']}/{teacher['model_version']}"
+               if teacher.get("model_version") else teacher.get("checkpoint_uri"))
+        if not uri:
+            raise RuntimeError(f"compress: the teacher {unit.deps[0]} left no registered model or checkpoint")
+        d = unit.spec.to_dict()
+        d["teacher"] = uri
+        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
+                                  bool(self.tracking_uri))
+        res = run_compression(CompressSpec.from_dict(d, source="compress"))
+        rows = {r["variant"]: r for r in res["variants"]}
+        final = rows[res["final_variant"]]
+        name = d.get("registered_model_name")
+        out = {"teacher_uri": uri, "final_variant": res["final_variant"], "alias_variant": res["alias_variant"],
+               "registered_model_name": name, "versions": res.get("versions", {}), "results_path": res["results_path"],
+               "champion": bool(res["alias_variant"]) and bool(name),
+               "champion_uri": f"models:/{name}@{self.spec.champion_alias}" if res["alias_variant"] and name else None,
+               "figures": {v: {k: r.get(k) for k in ("quality", "p50_ms_bs1", "speedup_bs1_vs_fp32", "speedup_bs1_vs_bf16",
+                                                      "params", "size_bytes", "passes_gate")} for v, r in rows.items()}}
+        metric = (f"{res['final_variant']}: {final.get('speedup_bs1_vs_fp32', 0):.2f}x vs fp32, "
+                  f"quality {final['quality']:.3f} (teacher {rows['teacher_fp32']['quality']:.3f})")
+        return out, metric
+
+    def _run_serve(self, unit: Unit, stage_run: Any, resume: Any):
+        from heygen_ray.pipeline_serve import run_serve_stage
+
+        out = run_serve_stage(self, unit, stage_run)
+        ok = sum(1 for r in out.get("smoke", {}).values() if r.get("ok"))
+        return out, f"{ok}/{len(out.get('smoke', {}))} endpoints answered at {out.get('url')}"
+
+
+def run_pipeline(spec: PipelineSpec, *, force: Sequence[str] = (), on_progress: Optional[Progress] = None,
+                 on_event: Optional[Callable[[str, str, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Plan (validate every stage), then run the units in order; writes <output_dir>/results.json."""
+    run = PipelineRun(spec, force=force, on_progress=on_progress, on_event=on_event)
+    result = run.run()
+    path = os.path.join(run.out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    result["results_path"] = path
+    return result

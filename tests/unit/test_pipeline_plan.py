@@ -1,0 +1,102 @@
+"""The pipeline's plan (every stage spec validated before anything runs), its ownership of the data
+set, run folders and aliases, the dependency closure of --force, content keys and the ledger."""
+
+import os
+
+import pytest
+
+from heygen_ray.config import ConfigError, PipelineSpec, load_spec
+from heygen_ray.pipeline import Ledger, downstream, plan_pipeline, unit_key
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICKSTART = os.path.join(REPO, "configs/pipeline/quickstart.yaml")
+
+
+SERVE_YAML = "/tmp/hr_plan_serve.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # stage configs are relative to the working directory, as for a user
+    with open(SERVE_YAML, "w") as f:  # the serve stage's own YAML is only read here, not validated
+        f.write("http: {port: 8000}\n")
+
+
+def _spec(*overrides):
+    serve = f"serve={{config: {SERVE_YAML}, classify: compress, generate: train.text_to_video, complete: tune}}"
+    return load_spec(PipelineSpec, QUICKSTART, ["output_dir=/tmp/hr_plan", "stages=[data,train,tune,compress,serve]",
+                                                serve, *overrides])
+
+
+def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
+    spec = _spec()
+    units = plan_pipeline(spec)
+    assert [u.name for u in units] == ["data", "train.video_classifier", "train.text_to_video", "tune", "compress", "serve"]
+    synth = spec.data.synth.to_dict()
+    by = {u.name: u for u in units}
+    for name in ("train.video_classifier", "train.text_to_video"):
+        s = by[name].spec
+        assert s.data.synth.to_dict() == synth and s.run_dir == "/tmp/hr_plan/train" and s.name == name.split(".")[1]
+    assert by["train.video_classifier"].spec.steps == 240  # the entry's override over the stage YAML
+    assert by["tune"].spec.train["data"]["synth"] == synth and by["tune"].spec.run_dir == "/tmp/hr_plan/tune"
+    c = by["compress"].spec
+    assert c.train.data.synth.to_dict() == synth and c.gate.alias == "champion" and c.teacher is None
+    assert by["compress"].deps == ["train.video_classifier"]
+    assert by["serve"].deps == ["compress", "train.text_to_video", "tune"]
+
+
+def test_smoke_sizes_apply_after_the_entry_overrides():
+    units = {u.name: u for u in plan_pipeline(_spec("smoke=true"))}
+    assert units["train.video_classifier"].spec.steps == 12  # SMOKE_OVERRIDES["train"], not the entry's 240
+    assert units["compress"].spec.train.steps == 12 and units["compress"].spec.teacher_steps == 24
+
+
+def test_a_bad_stage_config_fails_before_anything_runs_naming_stage_and_field():
+    with pytest.raises(ConfigError) as err:
+        plan_pipeline(_spec("train.video_classifier.overrides={optim.lrr: 0.1}"))
+    msg = str(err.value)
+    assert "train.video_classifier" in msg and "optim.lrr" in msg and "configs/train/video_classification.yaml" in msg
+    with pytest.raises(ConfigError, match="compress.*prune.ratio"):
+        plan_pipeline(_spec("compress.overrides={prune.ratio: 1.5}"))
+    with pytest.raises(ConfigError, match="tune.config"):
+        plan_pipeline(_spec("tune.config=configs/sweep/nope.yaml"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages=[train,data]", "in the order"),
+    ("compress.teacher=nope", "compress.teacher"),
+    ("serve.generate=train.nope", "serve.generate"),
+    ("stages=[data,compress]", "compress needs its teacher"),
+    ("train.video_classifier.gate={metric: a, min_value: 1, max_value: 2}", "exactly one"),
+])
+def test_pipeline_spec_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _spec(override)
+
+
+def test_force_reruns_the_stage_and_everything_downstream():
+    units = plan_pipeline(_spec())
+    assert downstream(units, ["train"]) == ["train.video_classifier", "train.text_to_video", "compress", "serve"]
+    assert downstream(units, ["train.text_to_video"]) == ["train.text_to_video", "serve"]
+    assert downstream(units, ["data"]) == [u.name for u in units]
+    assert downstream(units, ["serve"]) == ["serve"]
+    with pytest.raises(ConfigError, match="--force nope"):
+        downstream(units, ["nope"])
+
+
+def test_content_key_follows_spec_inputs_data_and_code(tmp_path):
+    units = {u.name: u for u in plan_pipeline(_spec())}
+    u = units["train.video_classifier"]
+    k = unit_key(u, {"data": "d1"}, "fp1", "c1")
+    assert k == unit_key(u, {"data": "d1"}, "fp1", "c1")  # deterministic
+    assert len({k, unit_key(u, {"data": "d2"}, "fp1", "c1"), unit_key(u, {"data": "d1"}, "fp2", "c1"),
+                unit_key(u, {"data": "d1"}, "fp1", "c2")}) == 4
+    other = {x.name: x for x in plan_pipeline(_spec("train.video_classifier.overrides={steps: 241}"))}
+    assert unit_key(other["train.video_classifier"], {"data": "d1"}, "fp1", "c1") != k
+
+    ledger = Ledger(str(tmp_path / "ledger.json"))
+    ledger.record("data", key="abc", status="running")
+    ledger.record("data", status="finished", outputs={"clips": 3})
+    again = Ledger(str(tmp_path / "ledger.json"))
+    assert again.get("data")["key"] == "abc" and again.get("data")["status"] == "finished"
+    assert again.get("data")["outputs"] == {"clips": 3} and again.get("train") is None
