@@ -172,6 +172,8 @@ def pipeline_run(
             line = f"{elapsed} [cyan]skipped[/]  {unit} (unchanged since {info.get('finished_at', '?')})"
         elif what == "failed":
             line = f"{elapsed} [red]failed[/]   {unit}: {info.get('error', '')[:300]}"
+        elif what == "note":
+            line = f"{elapsed} [yellow]note[/]     {unit}: {info.get('message', '')}"
         else:
             line = f"{elapsed} [bold]{what}[/]  {unit}"
         progress.console.print(line, soft_wrap=True, highlight=False)

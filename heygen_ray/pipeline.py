@@ -489,12 +489,61 @@ class PipelineRun:
         return out, metric
 
     def _run_serve(self, unit: Unit, stage_run: Any, resume: Any):
-        from heygen_ray.pipeline_serve import run_serve_stage
+        """Deploy every endpoint's champion (the compression variants multiplexed by name), send one
+        request per endpoint, and leave Serve running (or shut it down: serve.keep_running)."""
+        import ray
 
-        out = run_serve_stage(self, unit, stage_run)
-        ok = sum(1 for r in out.get("smoke", {}).values() if r.get("ok"))
-        return out, f"{ok}/{len(out.get('smoke', {}))} endpoints answered at {out.get('url')}"
+        from heygen_ray import serve
+        from heygen_ray.config import SERVE_ENDPOINTS, ServeSpec
 
+        ref = self.spec.serve
+        d = json.loads(json.dumps(unit.spec))
+        d["tracking_uri"] = self.tracking_uri
+        if self.spec.data.synth is not None:  # {"uri": ...} requests may read the pipeline's clips
+            d["allowed_uri_root"] = fsutil.absolute(self.spec.data.synth.output_dir)
+        served: Dict[str, Any] = {}
+        for ep in SERVE_ENDPOINTS:
+            src = getattr(ref, ep)
+            section = d.setdefault(ep, {}) or {}
+            d[ep] = section
+            if src is None:
+                section["model"] = None
+                continue
+            o = self.outputs.get(src) or {}
+            uri = o.get("champion_uri") or (f"models:/{o['registered_model_name']}/{o['model_version']}"
+                                            if o.get("registered_model_name") and o.get("model_version") else None)
+            if uri is None:
+                raise RuntimeError(f"serve.{ep}: {src} registered no model to serve (tracking off, or its gate failed "
+                                   "and no version exists)")
+            section["model"] = uri
+            if src == "compress":  # every measured variant, by name, plus a bf16 cast of the champion
+                section["variants"] = {"bf16": "bf16", **{v: f"models:/{o['registered_model_name']}/{ver}"
+                                                          for v, ver in (o.get("versions") or {}).items() if ver}}
+            served[ep] = {"source": src, "model": uri, "variants": sorted(section.get("variants") or {})}
+        spec = ServeSpec.from_dict(d, source=f"pipeline serve ({ref.config})")
+        info = serve.deploy(spec)
+        url = info["url"]
+        try:
+            smoke = serve.smoke(url, spec)
+        except BaseException:
+            serve.shutdown()
+            raise
+        running = ref.keep_running
+        if not running:
+            serve.shutdown()
+        elif not os.environ.get("RAY_ADDRESS"):
+            log_note = ("Serve lives in this process's local Ray and stops when the pipeline exits: start a cluster "
+                        "(make cluster-up) and submit to it to keep it running")
+            self.on_event("serve", "note", {"message": log_note})
+        try:
+            dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+        except Exception:  # noqa: BLE001
+            dashboard = None
+        stage_run.log_metrics({f"smoke_{k}_ms": v["latency_ms"] for k, v in smoke.items()})
+        out = {"url": url, "running": running, "endpoints": served, "dashboard_url": dashboard,
+               "smoke": {k: {**v, "ok": v.get("status") == 200} for k, v in smoke.items()}}
+        ok = sum(1 for v in out["smoke"].values() if v["ok"])
+        return out, f"{ok}/{len(out['smoke'])} smoke requests OK at {url}" + ("" if running else " (shut down)")
 
 def run_pipeline(spec: PipelineSpec, *, force: Sequence[str] = (), on_progress: Optional[Progress] = None,
                  on_event: Optional[Callable[[str, str, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
