@@ -40,6 +40,15 @@ def _train_spec(spec: CompressSpec, name: str, **changes: Any) -> TrainSpec:
     return TrainSpec.from_dict(d, source=f"compress.train ({name})")
 
 
+def train_teacher(spec: CompressSpec) -> Dict[str, Any]:
+    """Train the teacher with ``spec.train`` for ``teacher_steps`` steps (when ``spec.teacher`` is unset);
+    returns the training job's results (``checkpoint_uri``, and ``model_uri`` when tracked). A
+    compression sweep calls it once so that every trial compresses the same teacher."""
+    from heygen_ray.train.driver import run_training
+
+    return run_training(_train_spec(spec, f"{spec.name}-teacher", steps=spec.teacher_steps))
+
+
 def load_teacher(uri: str, spec: CompressSpec, tracking_uri: Optional[str]) -> Tuple[Any, Dict[str, Any]]:
     """(model, lineage) from ``models:/...`` (or a logged-model directory) or a checkpoint directory."""
     from heygen_ray.tracking import load_model_and_config, resolve_model_uri
@@ -117,7 +126,7 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         # 1. the teacher (trained here first when none is given)
         teacher_uri = spec.teacher
         if teacher_uri is None:
-            tout = run_training(_train_spec(spec_n, f"{spec.name}-teacher", steps=spec.teacher_steps))
+            tout = train_teacher(spec_n)
             teacher_uri = tout.get("model_uri") or tout["checkpoint_uri"]
         teacher, lineage = load_teacher(teacher_uri, spec, tracking_uri)
         teacher.eval()
