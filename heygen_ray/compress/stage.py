@@ -92,8 +92,10 @@ def held_out_batches(tspec: TrainSpec, task: Any, split: str, max_rows: int, bat
     return out
 
 
-def run_compression(spec: CompressSpec) -> Dict[str, Any]:
-    """Run the whole chain on the current Ray cluster; returns (and writes) the report."""
+def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> Dict[str, Any]:
+    """Run the whole chain on the current Ray cluster; returns (and writes) the report.
+    ``compiled_reference=False`` (a sweep trial) skips pruned_distilled_compiled, a reference for the
+    report that costs one more Inductor compile."""
     import torch
 
     from heygen_ray import tracking
@@ -185,8 +187,9 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         add("pruned_distilled_bf16", d_bf16, save_model_dir(os.path.join(vdir, "pruned_distilled_bf16"), d_bf16.model,
                                                             model_name=model_name, model_overrides=overrides), distilled)
         # fp32 through Inductor with freezing: what compilation alone gives (the int8 path's baseline)
-        add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),
-            distilled_dir, distilled)
+        if compiled_reference:
+            add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),
+                distilled_dir, distilled)
         final = f"pruned_distilled_{spec.quantize.scheme}"
         qdir = os.path.join(vdir, final)
         os.makedirs(qdir, exist_ok=True)

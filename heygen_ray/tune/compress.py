@@ -12,8 +12,8 @@ The paths that would change the teacher, the data or the yardstick (``teacher``,
 comparable.
 
 A trial runs :func:`~heygen_ray.compress.stage.run_compression` (its own name and folder under the
-sweep, its run nested under the sweep's, no registry versions, no pt2 exports of the fp32/bf16 students)
-and reports ONE result to Tune: the
+sweep, its run nested under the sweep's, no registry versions, neither the pt2 exports of the fp32/bf16
+students nor the fp32-compiled reference variant: each costs compile time and none is reported) and reports ONE result to Tune: the
 final variant's figures (``quality``, ``quality_delta`` vs the teacher, ``p50_ms_bs1``, ``p50_ms_bs8``,
 ``params``, ``size_bytes``, ...) and ``step`` (the distillation steps). With one report per trial there
 is nothing for ASHA to stop early (``SweepSpec`` rejects ``scheduler.kind: asha`` for this stage);
@@ -190,7 +190,7 @@ def run_compress_trial(config: Dict[str, Any], ctx: Dict[str, Any]) -> None:
     data_ctx.print_on_execution_start = False
     trial_id = ray.tune.get_context().get_trial_id()
     spec = compress_trial_spec(ctx, config["params"], trial_id)
-    out = run_compression(spec)
+    out = run_compression(spec, compiled_reference=False)  # what a trial reports needs no fp32-compiled reference
     ray.tune.report(trial_result(out, spec))
 
 

@@ -478,6 +478,19 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def _better_row(a: Mapping[str, Any], b: Mapping[str, Any], objectives: Sequence[Tuple[str, str]]) -> bool:
+    """``a`` beats ``b`` on the primary objective, or ties it and wins on the next ones in order (so
+    the best trial of a multi-objective sweep is on its Pareto front)."""
+    for m, d in objectives:
+        x, y = a.get(m), b.get(m)
+        if x == y:
+            continue
+        if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
+            return False
+        return _better(x, y, d)
+    return False
+
+
 def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Sequence[Tuple[str, str]]) -> List[str]:
     """Trial ids no other row dominates (at least as good on every objective, better on one)."""
     def dominates(a, b) -> bool:
@@ -638,7 +651,7 @@ def _summarise(plan: SweepPlan, recorder, parent, trk, info: Dict[str, Any], con
     completed = [r for r in rows if r["status"] == "completed" and isinstance(r.get(plan.metric), (int, float))]
     best = None
     for r in completed:
-        if best is None or _better(r[plan.metric], best[plan.metric], plan.mode):
+        if best is None or _better_row(r, best, plan.objectives):
             best = r
     front = pareto_front(completed, plan.objectives) if len(plan.objectives) > 1 else None
 

@@ -174,3 +174,18 @@ def test_optuna_proposes_compress_values_for_both_objectives():
         built = p.space.build(config["params"])
         assert 0.25 <= built.prune.ratio <= 0.75 and built.quantize.scheme in ("int8_static", "int8_dynamic")
         searcher.on_trial_complete(f"t{i}", {"quality": 0.5 + 0.1 * i, "p50_ms_bs1": 1.0 + i, "config": config})
+
+
+def test_the_best_trial_breaks_ties_on_the_next_objective_so_it_is_on_the_pareto_front():
+    from heygen_ray.tune.sweep import _better_row, pareto_front
+
+    objectives = [("quality", "max"), ("p50_ms_bs1", "min")]
+    slow, fast, good = ({"trial_id": "slow", "quality": 0.5, "p50_ms_bs1": 2.0},
+                        {"trial_id": "fast", "quality": 0.5, "p50_ms_bs1": 1.0},
+                        {"trial_id": "good", "quality": 0.75, "p50_ms_bs1": 3.0})
+    assert _better_row(fast, slow, objectives) and not _better_row(slow, fast, objectives)
+    assert _better_row(good, fast, objectives) and not _better_row(fast, good, objectives)
+    assert not _better_row(fast, dict(fast), objectives)
+    assert pareto_front([slow, fast, good], objectives) == ["fast", "good"]
+    # single objective: a tie keeps the first
+    assert not _better_row(fast, slow, objectives[:1])
