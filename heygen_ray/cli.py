@@ -245,13 +245,17 @@ def train(
 def tune(
     config: Path = typer.Option(Path("configs/sweep/lr_schedule.yaml"), "--config", "-c"),
     overrides: Optional[List[str]] = OVERRIDES,
-    smoke_test: bool = typer.Option(False, "--smoke-test", help="4 short trials on the smoke data (a few minutes on 2 CPUs)"),
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="4 short trials on the smoke data (a few minutes on 2 "
+                                    "CPUs); a compression sweep: 2 trials at the compression smoke sizes"),
 ) -> None:
-    """Sweep a training config with Ray Tune (ASHA / Optuna); registers the best model and writes its
-    config as a ready-to-run training YAML plus results.json."""
+    """Sweep a training config (ASHA / Optuna; registers the best model) or a compression config
+    (stage: compress; Optuna over quality and latency) with Ray Tune; writes the best trial's config
+    as a ready-to-run YAML plus results.json."""
     from heygen_ray.tune.sweep import plan_sweep, run_sweep
 
-    spec: SweepSpec = _load(SweepSpec, config, overrides, "sweep" if smoke_test else None)
+    spec: SweepSpec = _load(SweepSpec, config, overrides)
+    if smoke_test:  # the smoke sizes depend on the stage the sweep runs
+        spec = _load(SweepSpec, config, overrides, "sweep" if spec.stage == "train" else f"sweep_{spec.stage}")
     try:
         plan = plan_sweep(spec)  # the whole search space is checked before Ray starts
         results = run_sweep(spec, plan=plan)
@@ -259,11 +263,12 @@ def tune(
         err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
         raise typer.Exit(2)
     t = Table(title=f"sweep {results['name']}: {results['metric']} ({results['mode']})")
-    for col in ("trial", "status", "step", results["metric"], *[p for p in plan.space.paths]):
+    metrics = [m for m, _ in plan.objectives]
+    for col in ("trial", "status", "step", *metrics, *[p for p in plan.space.paths]):
         t.add_column(col, no_wrap=True)
     for r in sorted(results["rows"], key=lambda r: r["trial_id"]):
-        value = r.get(results["metric"])
-        t.add_row(r["trial_id"], r["status"], str(r["step"]), "" if value is None else f"{value:.4g}",
+        t.add_row(r["trial_id"], r["status"], str(r["step"]),
+                  *["" if r.get(m) is None else f"{r[m]:.4g}" for m in metrics],
                   *[f"{r.get('param:' + p):.4g}" if isinstance(r.get("param:" + p), float) else str(r.get("param:" + p))
                     for p in plan.space.paths])
     Console(width=max(console.width, 60 + 16 * len(plan.space.paths))).print(t)  # logs are not terminals
@@ -271,6 +276,8 @@ def tune(
     console.print(f"{results['trials']} trials: {results['trials_completed']} completed, {results['trials_stopped_early']} "
                   f"stopped early, {results['trials_error']} failed; {results['seconds']} s")
     console.print(f"best: trial {best['trial_id']} {results['metric']}={best['metric']:.4g} (MLflow run {best['mlflow_run_id']})")
+    if results.get("pareto_front"):
+        console.print(f"pareto front ({', '.join(metrics)}): {', '.join(results['pareto_front'])}")
     if results.get("model_version"):
         console.print(f"model: {results['model_uri']} (registered {results['registered_model_name']} v{results['model_version']})")
     console.print(f"best config: {results['best_config_path']}")

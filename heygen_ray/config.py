@@ -737,13 +737,16 @@ class SweepSpec(Spec):
     the metric to optimise, the search algorithm and the scheduler."""
 
     name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9_.-]+$")
-    stage: Literal["train"] = "train"
+    stage: Literal["train", "compress"] = Field(default="train", description="what a trial runs: a training job "
+                                               "(base: a TrainSpec YAML) or a compression job (base: a CompressSpec YAML)")
     base: str = Field(description="the stage YAML trials start from (relative to the working directory)")
     train: Dict[str, Any] = Field(default_factory=dict, description="nested values merged over the base "
-                                  "before sampling (e.g. a shorter plan for the sweep)")
+                                  "before sampling (e.g. a shorter plan for the sweep); for stage compress, over "
+                                  "the compression YAML (teacher_steps, train.steps, ...)")
     space: Dict[str, DistributionSpec] = Field(min_length=1, description="dotted spec path -> distribution")
     metric: Optional[str] = Field(default=None, description="reported metric to optimise; default: the task's "
-                                  "validation metric (of the EMA weights when EMA is on)")
+                                  "validation metric (of the EMA weights when EMA is on); stage compress: the "
+                                  "final variant's quality")
     mode: Optional[Literal["min", "max"]] = None
     objectives: List[ObjectiveSpec] = Field(default_factory=list, description="further objectives "
                                             "(multi-objective, optuna only), e.g. model_gflops/min")
@@ -779,8 +782,22 @@ class SweepSpec(Spec):
         walk("", v)
         return out
 
+    @model_validator(mode="before")
+    @classmethod
+    def _compress_scheduler(cls, v: Any) -> Any:
+        """A compress trial reports once, at its end: nothing for ASHA to stop early, so a compress
+        sweep's scheduler kind defaults to none (an explicit asha is an error, below)."""
+        if isinstance(v, Mapping) and v.get("stage") == "compress":
+            sched = v.get("scheduler")
+            if sched is None or (isinstance(sched, Mapping) and "kind" not in sched):
+                v = {**v, "scheduler": {**(sched or {}), "kind": "none"}}
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
+        if self.stage == "compress" and self.scheduler.kind == "asha":
+            raise ValueError("scheduler.kind: asha stops trials on their intermediate reports, and a compress trial "
+                             "reports once, at its end; use scheduler.kind none (the default for stage compress)")
         if (self.metric is None) != (self.mode is None):
             raise ValueError("give metric and mode together (or neither, for the task's default)")
         if self.objectives and self.search.algorithm != "optuna":
@@ -917,3 +934,6 @@ SMOKE_OVERRIDES: Dict[str, List[str]] = {
               "train.data.synth.output_dir=data/smoke", "train.data.synth.descriptions_per_clip=1",
               "scheduler.grace_period=6", "run_dir=runs/smoke_sweeps"],
 }
+# A compression sweep (stage compress): 2 trials over the compression smoke sizes.
+SMOKE_OVERRIDES["sweep_compress"] = ["search.num_samples=2", "run_dir=runs/smoke_sweeps"] + [
+    f"train.{o}" for o in SMOKE_OVERRIDES["compress"] if not o.startswith("run_dir=")]

@@ -43,6 +43,15 @@ def _train_spec(spec: CompressSpec, name: str, **changes: Any) -> TrainSpec:
     return TrainSpec.from_dict(d, source=f"compress.train ({name})")
 
 
+def train_teacher(spec: CompressSpec) -> Dict[str, Any]:
+    """Train the teacher with ``spec.train`` for ``teacher_steps`` steps (when ``spec.teacher`` is unset);
+    returns the training job's results (``checkpoint_uri``, and ``model_uri`` when tracked). A
+    compression sweep calls it once so that every trial compresses the same teacher."""
+    from heygen_ray.train.driver import run_training
+
+    return run_training(_train_spec(spec, f"{spec.name}-teacher", steps=spec.teacher_steps))
+
+
 def load_teacher(uri: str, spec: CompressSpec, tracking_uri: Optional[str]) -> Tuple[Any, Dict[str, Any]]:
     """(model, lineage) from ``models:/...`` (or a logged-model directory) or a checkpoint directory."""
     from heygen_ray.tracking import load_model_and_config, resolve_model_uri
@@ -86,8 +95,10 @@ def held_out_batches(tspec: TrainSpec, task: Any, split: str, max_rows: int, bat
     return out
 
 
-def run_compression(spec: CompressSpec) -> Dict[str, Any]:
-    """Run the whole chain on the current Ray cluster; returns (and writes) the report."""
+def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> Dict[str, Any]:
+    """Run the whole chain on the current Ray cluster; returns (and writes) the report.
+    ``compiled_reference=False`` (a sweep trial) skips pruned_distilled_compiled, a reference for the
+    report that costs one more Inductor compile."""
     import torch
 
     from heygen_ray import tracking
@@ -120,7 +131,7 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         # 1. the teacher (trained here first when none is given)
         teacher_uri = spec.teacher
         if teacher_uri is None:
-            tout = run_training(_train_spec(spec_n, f"{spec.name}-teacher", steps=spec.teacher_steps))
+            tout = train_teacher(spec_n)
             teacher_uri = tout.get("model_uri") or tout["checkpoint_uri"]
         teacher, lineage = load_teacher(teacher_uri, spec, tracking_uri)
         teacher.eval()
@@ -180,8 +191,9 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         add("pruned_distilled_bf16", d_bf16, save_model_dir(os.path.join(vdir, "pruned_distilled_bf16"), d_bf16.model,
                                                             model_name=model_name, model_overrides=overrides), distilled)
         # fp32 through Inductor with freezing: what compilation alone gives (the int8 path's baseline)
-        add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),
-            distilled_dir, distilled)
+        if compiled_reference:
+            add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),
+                distilled_dir, distilled)
         final = f"pruned_distilled_{spec.quantize.scheme}"
         qdir = os.path.join(vdir, final)
         os.makedirs(qdir, exist_ok=True)

@@ -17,6 +17,13 @@ trial's own).
 MLflow: one parent run for the sweep; each trial is the training job's own run nested under it (one
 run per trial, kept across retries); the parent gets the trials table, a plot of the metric against
 each swept parameter, the best config and results.json; the best trial's model is registered.
+
+The stage a trial runs is chosen by ``SweepSpec.stage`` through one small :class:`Stage` adapter
+(spec class, planning with the default metric/mode, the checks on Ray, the trial function, the
+TrainSpecs its CPUs are counted from, the best-config writer): ``train`` is defined here, ``compress``
+(one compression job per trial, one teacher shared by all) in :mod:`heygen_ray.tune.compress`.
+Everything else (search space, searchers, concurrency, MLflow run tree, summary, Pareto front) is
+shared.
 """
 
 from __future__ import annotations
@@ -29,12 +36,12 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import yaml
 
 from heygen_ray import fsutil
-from heygen_ray.config import ConfigError, SweepSpec, TrainSpec, load_yaml, validate_spec
+from heygen_ray.config import ConfigError, Spec, SweepSpec, TrainSpec, load_yaml, validate_spec
 from heygen_ray.tune.space import SearchSpace, merge, non_primitive_choices, plain_values
 
 log = logging.getLogger(__name__)
@@ -69,21 +76,60 @@ class SweepPlan:
     def trials_dir(self) -> str:
         return os.path.join(self.sweep_dir, "trials")
 
+    @property
+    def stage(self) -> "Stage":
+        return stage_for(self.spec.stage)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the sweep launcher needs from the stage its trials run (``SweepSpec.stage``)."""
+
+    name: str
+    spec_cls: Type[Spec]
+    plan: Callable[[SweepSpec], SweepPlan]  # validate everything, no Ray; default metric/mode
+    check: Callable[[SweepPlan], Tuple[Dict[str, Any], Any]]  # on Ray, before the parent run: (trial kwargs, data info)
+    before_trials: Callable[[SweepPlan, Dict[str, Any]], None]  # after the parent run opened: may add to the trial ctx
+    trial: Callable[..., None]  # Tune's function trainable: trial(config, ctx, **trial kwargs)
+    train_of: Callable[[Spec], TrainSpec]  # the TrainSpec whose workers and data a trial's CPUs are counted from
+    planned_steps: Callable[[SweepPlan, Mapping[str, Any]], int]  # the step a trial that completes reports last
+    best_config: Callable[[SweepPlan, Mapping[str, Any]], Dict[str, Any]]
+    run_command: str  # how the best config is run
+    register_best: bool  # register the best trial's logged model
+
+
+def stage_for(name: str) -> Stage:
+    if name == "train":
+        return TRAIN_STAGE
+    if name == "compress":
+        from heygen_ray.tune.compress import COMPRESS_STAGE
+
+        return COMPRESS_STAGE
+    raise ConfigError(f"stage: no sweep adapter for {name!r}")  # pragma: no cover - SweepSpec admits no other
+
 
 # --------------------------------------------------------------------------------------------------
 # Planning and validation (no Ray)
 # --------------------------------------------------------------------------------------------------
 
 
-def load_base(spec: SweepSpec) -> Dict[str, Any]:
-    """The base training YAML with the sweep's ``train`` section merged over it (validated)."""
+def load_base(spec: SweepSpec, spec_cls: Type[Spec] = TrainSpec) -> Dict[str, Any]:
+    """The base stage YAML with the sweep's ``train`` section merged over it (validated)."""
     try:
         raw = load_yaml(spec.base)
     except ConfigError as err:
         raise ConfigError(f"base: {err}") from None
     merged = merge(raw, spec.train)
-    validate_spec(TrainSpec, merged, source=f"{spec.base} + sweep train")
+    validate_spec(spec_cls, merged, source=f"{spec.base} + sweep train")
     return merged
+
+
+def check_searchable(spec: SweepSpec, space: SearchSpace) -> None:
+    if spec.search.algorithm == "optuna":
+        bad = non_primitive_choices(space)
+        if bad:
+            raise ConfigError(f"space.{bad[0]}: optuna chooses among plain values only (strings, numbers, "
+                              "booleans, null); use search.algorithm random or grid")
 
 
 def _default_metric(task: str, ema: bool) -> Tuple[str, str]:
@@ -94,6 +140,11 @@ def _default_metric(task: str, ema: bool) -> Tuple[str, str]:
 
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Validate the sweep against its stage's spec (paths, sample types, metric, scheduler): no Ray."""
+    return stage_for(spec.stage).plan(spec)
+
+
+def _plan_train(spec: SweepSpec) -> SweepPlan:
     """Validate the sweep against the training spec: paths, sample types, metric, scheduler."""
     from heygen_ray.train.driver import absolutize
 
@@ -102,11 +153,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     base = base_spec.to_dict()
     space = SearchSpace(TrainSpec, base, spec.space)
     space.validate()
-    if spec.search.algorithm == "optuna":
-        bad = non_primitive_choices(space)
-        if bad:
-            raise ConfigError(f"space.{bad[0]}: optuna chooses among plain values only (strings, numbers, "
-                              "booleans, null); use search.algorithm random or grid")
+    check_searchable(spec, space)
 
     ema_values = {base_spec.ema.enabled}
     if "ema.enabled" in space.paths:
@@ -136,9 +183,9 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
                      max_steps=max_steps, grace_period=grace, task=task)
 
 
-def _candidate_specs(plan: SweepPlan, prefix: str) -> List[Tuple[str, TrainSpec]]:
-    """(label, spec) for the base and each candidate value of the dimensions under ``prefix``."""
-    out = [("the base", TrainSpec.from_dict(plan.base))]
+def _candidate_specs(plan: SweepPlan, prefix: str) -> List[Tuple[str, Any]]:
+    """(label, stage spec) for the base and each candidate value of the dimensions under ``prefix``."""
+    out = [("the base", plan.space.spec_cls.from_dict(plan.base))]
     for d in plan.space.dimensions:
         if d.path.startswith(prefix):
             out += [(f"space.{d.path}: {d.describe(v)}", plan.space.build({d.path: v})) for v in d.candidates()]
@@ -194,9 +241,11 @@ def _data_cpus(spec: TrainSpec) -> float:
 
 
 def trial_cpus(plan: SweepPlan) -> float:
-    """The most CPUs one trial holds: its driver, its Train workers and its data pipeline."""
+    """The most CPUs one trial holds: its driver, its Train workers and its data pipeline (for a
+    compress trial: the distillation run's)."""
     need = 0.0
-    for _, spec in _candidate_specs(plan, ""):
+    for _, stage_spec in _candidate_specs(plan, ""):
+        spec = plan.stage.train_of(stage_spec)
         workers = max(spec.scaling.num_workers, 0) * spec.scaling.cpus_per_worker
         need = max(need, plan.spec.trial_cpus + workers + _data_cpus(spec))
     return need
@@ -205,7 +254,8 @@ def trial_cpus(plan: SweepPlan) -> float:
 def concurrency_for(plan: SweepPlan, cluster_cpus: float) -> int:
     """Concurrent trials that fit ``cluster_cpus`` (at most ``max_concurrent_trials``)."""
     need = trial_cpus(plan)
-    prep = max(s.data.text.num_tokenizers * s.data.text.tokenizer_num_cpus for _, s in _candidate_specs(plan, ""))
+    trains = [plan.stage.train_of(s) for _, s in _candidate_specs(plan, "")]
+    prep = max(s.data.text.num_tokenizers * s.data.text.tokenizer_num_cpus for s in trains)
     if prep > cluster_cpus:
         raise ConfigError(f"the text pipeline needs {prep:g} CPUs (data.text.num_tokenizers x tokenizer_num_cpus) "
                           f"but the cluster has {cluster_cpus:g}")
@@ -225,7 +275,11 @@ def concurrency_for(plan: SweepPlan, cluster_cpus: float) -> int:
     if fit < plan.spec.max_concurrent_trials:
         log.warning("max_concurrent_trials=%d lowered to %d: each trial needs %g of the cluster's %g CPUs",
                     plan.spec.max_concurrent_trials, fit, need, cluster_cpus)
-    return min(fit, plan.spec.max_concurrent_trials)
+    n = min(fit, plan.spec.max_concurrent_trials)
+    if plan.spec.stage == "compress" and n > 1:
+        log.warning("%d compress trials at a time: their latency measurements share the machine's cores "
+                    "(set max_concurrent_trials: 1 for latencies measured alone)", n)
+    return n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,6 +478,19 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def _better_row(a: Mapping[str, Any], b: Mapping[str, Any], objectives: Sequence[Tuple[str, str]]) -> bool:
+    """``a`` beats ``b`` on the primary objective, or ties it and wins on the next ones in order (so
+    the best trial of a multi-objective sweep is on its Pareto front)."""
+    for m, d in objectives:
+        x, y = a.get(m), b.get(m)
+        if x == y:
+            continue
+        if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
+            return False
+        return _better(x, y, d)
+    return False
+
+
 def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Sequence[Tuple[str, str]]) -> List[str]:
     """Trial ids no other row dominates (at least as good on every objective, better on one)."""
     def dominates(a, b) -> bool:
@@ -439,7 +506,7 @@ def _trial_rows(plan: SweepPlan, recorder, runs: Dict[str, Dict[str, Any]]) -> L
     rows = []
     for trial_id, rec in recorder.trials.items():
         last = rec["results"][-1] if rec["results"] else {}
-        planned = int(plan.space.apply(rec["params"]).get("steps", plan.max_steps))
+        planned = plan.stage.planned_steps(plan, rec["params"])
         step = int(last.get("step", 0) or 0)
         if rec["ended"] == "error":
             status = "error"
@@ -488,6 +555,21 @@ def best_config(plan: SweepPlan, params: Mapping[str, Any]) -> Dict[str, Any]:
     return d
 
 
+def _check_train(plan: SweepPlan) -> Tuple[Dict[str, Any], Any]:
+    datasets, info = check_with_data(plan)
+    return {"prepared": None if data_swept(plan) else (datasets, info)}, info
+
+
+def _planned_train_steps(plan: SweepPlan, params: Mapping[str, Any]) -> int:
+    return int(plan.space.apply(params).get("steps", plan.max_steps))
+
+
+TRAIN_STAGE = Stage(
+    name="train", spec_cls=TrainSpec, plan=_plan_train, check=_check_train, before_trials=lambda plan, ctx: None,
+    trial=run_trial, train_of=lambda spec: spec, planned_steps=_planned_train_steps, best_config=best_config,
+    run_command="heygen-ray train", register_best=True)
+
+
 def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str, Any]:
     """Run the sweep on the current (or a new local) Ray cluster; returns and writes results.json."""
     import ray
@@ -498,9 +580,9 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
 
     t0 = time.perf_counter()
     plan = plan or plan_sweep(spec)  # fails here, before Ray starts, on a bad config or search space
+    stage = plan.stage
     init_ray(spec.ray)
-    datasets, info = check_with_data(plan)
-    prepared = None if data_swept(plan) else (datasets, info)
+    trial_kwargs, info = stage.check(plan)
     concurrency = concurrency_for(plan, float(ray.cluster_resources().get("CPU", 0.0)))
     os.makedirs(plan.trials_dir, exist_ok=True)
 
@@ -509,7 +591,7 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
     parent.start()
     parent.log_params(spec.to_dict())
     parent.log_dict(spec.to_dict(), "config/sweep.json")
-    parent.log_dict(plan.base, "config/base_train.json")
+    parent.log_dict(plan.base, f"config/base_{stage.name}.json")
 
     ctx = {
         "base": plan.base, "name": spec.name, "trials_dir": plan.trials_dir, "cwd": os.getcwd(),
@@ -518,18 +600,19 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
     }
     enumerate_choices = spec.search.algorithm == "grid"
     recorder = _trial_recorder()
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, prepared=prepared), {"CPU": spec.trial_cpus}),
-        param_space={"params": plan.space.to_tune(enumerate_choices=enumerate_choices)},
-        tune_config=tune.TuneConfig(num_samples=spec.search.num_samples,
-                                    max_concurrent_trials=concurrency if spec.search.algorithm == "optuna" else None,
-                                    search_alg=_searcher(plan, concurrency), scheduler=_scheduler(plan)),
-        run_config=tune.RunConfig(name=spec.name, storage_path=os.path.join(plan.sweep_dir, "tune"),
-                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  callbacks=[recorder], verbose=1),
-    )
     status = "FAILED"
     try:
+        stage.before_trials(plan, ctx)  # compress: the one teacher every trial compresses
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(stage.trial, ctx=ctx, **trial_kwargs), {"CPU": spec.trial_cpus}),
+            param_space={"params": plan.space.to_tune(enumerate_choices=enumerate_choices)},
+            tune_config=tune.TuneConfig(num_samples=spec.search.num_samples,
+                                        max_concurrent_trials=concurrency if spec.search.algorithm == "optuna" else None,
+                                        search_alg=_searcher(plan, concurrency), scheduler=_scheduler(plan)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=os.path.join(plan.sweep_dir, "tune"),
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      callbacks=[recorder], verbose=1),
+        )
         tuner.fit()
         for trial_id in recorder.trials:
             clear_stop(trial_id)
@@ -568,7 +651,7 @@ def _summarise(plan: SweepPlan, recorder, parent, trk, info: Dict[str, Any], con
     completed = [r for r in rows if r["status"] == "completed" and isinstance(r.get(plan.metric), (int, float))]
     best = None
     for r in completed:
-        if best is None or _better(r[plan.metric], best[plan.metric], plan.mode):
+        if best is None or _better_row(r, best, plan.objectives):
             best = r
     front = pareto_front(completed, plan.objectives) if len(plan.objectives) > 1 else None
 
@@ -592,14 +675,14 @@ def _summarise(plan: SweepPlan, recorder, parent, trk, info: Dict[str, Any], con
         "sweep_dir": plan.sweep_dir, "trials_csv": trials_csv,
         "mlflow_parent_run_id": parent.run_id, "tracking_uri": trk.tracking_uri if trk.enabled else None,
         "summary_plot": plot, "best": None, "best_config_path": None, "model_version": None,
-        "registered_model_name": None, "model_uri": None, "pareto_front": front,
+        "registered_model_name": None, "model_uri": None, "pareto_front": front, **plan.extra,
     }
     if best is not None:
         params = {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:")}
-        cfg = best_config(plan, params)
+        cfg = plan.stage.best_config(plan, params)
         header = (f"# Best trial {best['trial_id']} of sweep {spec.name!r}: {plan.metric} = {best[plan.metric]:.6g} "
                   f"({plan.mode})\n# swept: {json.dumps(params, default=str)}\n"
-                  f"# run it: heygen-ray train --config <this file>\n")
+                  f"# run it: {plan.stage.run_command} --config <this file>\n")
         best_path = os.path.join(plan.sweep_dir, "best_config.yaml")
         with open(best_path, "w") as f:
             f.write(header + yaml.safe_dump(cfg, sort_keys=False))
@@ -609,7 +692,7 @@ def _summarise(plan: SweepPlan, recorder, parent, trk, info: Dict[str, Any], con
                              **{m: best.get(m) for m, _ in plan.objectives[1:]}},
                        best_config_path=best_path)
         name = spec.tracking.registered_model_name or ((plan.base.get("tracking") or {}).get("registered_model_name"))
-        if trk.enabled and name and best["mlflow_run_id"]:
+        if plan.stage.register_best and trk.enabled and name and best["mlflow_run_id"]:
             reg = t.register_run_model(trk.tracking_uri, best["mlflow_run_id"], name,
                                        version_tags={SWEEP_TAG: spec.name, TRIAL_TAG: best["trial_id"],
                                                      plan.metric: f"{best[plan.metric]:.6g}"})

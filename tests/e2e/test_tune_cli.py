@@ -22,3 +22,11 @@ def test_tune_job_rejects_a_bad_search_space_before_starting_ray():
     r = run("jobs/tune.py", "--config", "configs/sweep/lr_schedule.yaml", "space.optim.learning_rate={choice: [0.1]}")
     assert r.returncode == 2 and "space.optim.learning_rate" in r.stderr
     assert "OptimSpec has no field 'learning_rate'" in r.stderr
+
+
+def test_tune_job_rejects_asha_for_a_compress_sweep_before_starting_ray():
+    r = run("jobs/tune.py", "--config", "configs/sweep/compress_video_classifier.yaml", "--smoke-test",
+            "scheduler.kind=asha")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "scheduler.kind: asha stops trials on their intermediate reports" in r.stderr
+    assert "Started a local Ray" not in r.stderr + r.stdout

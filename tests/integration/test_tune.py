@@ -152,3 +152,65 @@ def test_a_failing_trial_leaves_the_sweep_finished_and_a_retry_resumes_from_its_
     assert sorted(r["tags"][TRIAL_TAG] for r in runs) == sorted([ok["trial_id"], bad["trial_id"]])
     status = {r["tags"][TRIAL_TAG]: r["status"] for r in runs}
     assert status == {ok["trial_id"]: "FINISHED", bad["trial_id"]: "FAILED"}
+
+
+def test_a_compress_sweep_trains_one_teacher_and_reports_quality_and_latency_per_trial(ray_session, tmp_path, tiny_dataset,
+                                                                                       monkeypatch):
+    """Two compression trials (Optuna over prune ratio and distillation temperature; quality max,
+    batch-1 latency min) on one teacher trained once by the sweep; tiny sizes."""
+    from heygen_ray import tracking as t
+    from heygen_ray.config import CompressSpec
+
+    monkeypatch.chdir(tmp_path)
+    _, res = tiny_dataset
+    spec = SweepSpec.from_dict({
+        "name": "csw", "stage": "compress", "base": os.path.join(REPO, "configs/compress/video_classifier.yaml"),
+        "train": {
+            "teacher_steps": 30,
+            "train": {"steps": 10, "batch_size": 8, "eval_every_n_steps": 10, "checkpoint_every_n_steps": 10,
+                      "log_every_n_steps": 5, "schedule": {"warmup_steps": 2},
+                      # streamed, not cached: a trial's compression job would decode the cached splits twice
+                      "data": {"synth": {"output_dir": res.output_dir, "num_clips": 48, "seed": 3}, "video": {"cache": False}},
+                      "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}},
+            "prune": {"unstructured_control": None}, "quantize": {"scheme": "int8_dynamic", "calibration_batches": 1},
+            "measure": {"rounds": 1, "iters": 2, "max_eval_rows": 8},
+        },
+        "space": {"prune.ratio": {"uniform": [0.25, 0.6]}, "distill.temperature": {"uniform": [1.0, 4.0]}},
+        "metric": "quality", "mode": "max", "objectives": [{"metric": "p50_ms_bs1", "mode": "min"}],
+        "search": {"algorithm": "optuna", "num_samples": 2, "seed": 0},
+        "max_concurrent_trials": 2, "max_failures": 0,
+        "run_dir": f"{tmp_path}/sweeps", "tracking": {"experiment": "csweep-test"},
+    })
+    out = run_sweep(spec)
+
+    assert out["trials"] == 2 and out["trials_completed"] == 2 and out["trials_error"] == 0 and out["concurrency"] == 2
+    teacher = out["teacher_uri"]
+    assert os.path.isdir(teacher) and teacher.startswith(out["sweep_dir"])
+    for row in out["rows"]:
+        assert 0.0 <= row["quality"] <= 1.0 and row["p50_ms_bs1"] > 0 and row["step"] == 10
+        assert 0.25 <= row["param:prune.ratio"] <= 0.6
+        # the trial compressed the sweep's one teacher, at its own sampled ratio
+        trial = json.load(open(os.path.join(out["sweep_dir"], "trials", f"csw_{row['trial_id']}", "results.json")))
+        assert trial["teacher_uri"] == teacher and trial["final_variant"] == "pruned_distilled_int8_dynamic"
+        final = next(v for v in trial["variants"] if v["variant"] == "pruned_distilled_int8_dynamic")
+        assert final["quality"] == row["quality"] and final["p50_ms_bs1"] == row["p50_ms_bs1"]
+        assert final["params"] < next(v for v in trial["variants"] if v["variant"] == "teacher_fp32")["params"]
+    assert not any(d.endswith("-teacher") for d in os.listdir(os.path.join(out["sweep_dir"], "trials")))  # trained once
+
+    # the Pareto front over (quality max, latency min) and the best-quality trial
+    assert out["pareto_front"] and set(out["pareto_front"]) <= {r["trial_id"] for r in out["rows"]}
+    assert out["best"]["metric"] == max(r["quality"] for r in out["rows"])
+    assert out["best"]["trial_id"] in out["pareto_front"]  # ties on quality are broken by latency
+
+    # MLflow: the teacher's run and one compression run per trial under the sweep's run; nothing registered
+    runs = t.find_runs(out["tracking_uri"], "csweep-test", parent_run_id=out["mlflow_parent_run_id"])
+    assert sorted(r["tags"].get(TRIAL_TAG, "teacher") for r in runs) == sorted([r["trial_id"] for r in out["rows"]] + ["teacher"])
+    assert all(r["status"] == "FINISHED" for r in runs)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(out["tracking_uri"], registry_uri=out["tracking_uri"]).search_registered_models() == []
+
+    # the best config: a compression YAML that loads as it is, with the sweep's teacher and the best values
+    cfg = load_spec(CompressSpec, out["best_config_path"])
+    assert cfg.teacher == teacher and cfg.name == "csw_best" and cfg.prune.ratio == out["best"]["params"]["prune.ratio"]
+    assert cfg.registered_model_name == "video_classifier_compressed" and cfg.tracking.parent_run_id is None
