@@ -107,7 +107,8 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
                               os.path.join(out_dir, "train", entry)))
     if "tune" in spec.stages:
         d = _stage_dict(spec.tune, "tune", "sweep", spec.smoke)
-        own_data(d.setdefault("train", {}))
+        over = d.setdefault("train", {})  # merged over the base: a training spec, or a compression spec's `train`
+        own_data(over.setdefault("train", {}) if d.get("stage") == "compress" else over)
         d["run_dir"] = os.path.join(out_dir, "tune")
         sweep = _validated(SweepSpec, d, "tune", spec.tune)
         from heygen_ray.tune.sweep import plan_sweep

@@ -172,7 +172,7 @@ def test_optuna_proposes_compress_values_for_both_objectives():
     for i in range(3):
         config = searcher.suggest(f"t{i}")
         built = p.space.build(config["params"])
-        assert 0.25 <= built.prune.ratio <= 0.75 and built.quantize.scheme in ("int8_static", "int8_dynamic")
+        assert 0.25 <= built.prune.ratio <= 0.75 and built.quantize.scheme in ("int8_static", "int8_dynamic", "int8_qat")
         searcher.on_trial_complete(f"t{i}", {"quality": 0.5 + 0.1 * i, "p50_ms_bs1": 1.0 + i, "config": config})
 
 
