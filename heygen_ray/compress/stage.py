@@ -138,7 +138,11 @@ def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> D
         model_name, overrides = lineage["model_name"], lineage["overrides"]
         tspec = _train_spec(spec_n, f"{spec.name}-student", **{"model.name": model_name})
         task = task_for(tspec)
-        _, info = prepare_data(tspec, task)  # generates the embedded set when configured and absent
+        # generates the embedded set when configured and absent; only `info` is needed here, so the
+        # datasets stay lazy (video.cache would decode the whole training split for nothing)
+        lazy = tspec.to_dict()
+        lazy["data"]["video"]["cache"] = False
+        _, info = prepare_data(TrainSpec.from_dict(lazy), task)
         eval_batches = held_out_batches(tspec, task, spec.measure.split, spec.measure.max_eval_rows)
         calib_src = held_out_batches(tspec, task, "train", spec.quantize.calibration_batches * 8)
         calib = [task.inputs(b)[0] for b in calib_src][: spec.quantize.calibration_batches]
