@@ -13,13 +13,14 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet --quiet
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo test test-fast bench clean
+.PHONY: help setup demo test test-fast bench clean cluster-up cluster-down
 
 help:
 	@echo "make demo   set up .venv and run the quickstart (generate data, run the pipelines)"
 	@echo "make test   set up .venv and run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/ (results in benchmarks/results/)"
 	@echo "make clean  remove generated data and the venv"
+	@echo "make cluster-up / cluster-down  start / stop a local multi-process Ray cluster (token auth; see README)"
 
 $(STAMP): pyproject.toml $(LOCK) requirements/base.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/training.py
+
+# A local head (0 CPUs) + worker node with token auth, under $(HEYGEN_RAY_LOCAL_DIR) or /tmp/hr-local-<uid>;
+# stop ends only that cluster's processes.
+cluster-up: $(STAMP)
+	cluster/local/start.sh
+
+cluster-down:
+	cluster/local/stop.sh
 
 clean:
 	rm -rf $(VENV) data/quickstart .pytest_cache build *.egg-info
