@@ -168,7 +168,7 @@ def test_token_auth_on_and_head_free_of_training_work_in_every_ray_cluster():
     specs = [(p, s) for p, d in ray_documents() for s in cluster_specs(d)]
     assert len(specs) == 3  # the RayCluster, the pipeline RayJob's own cluster, the RayService's
     for path, cspec in specs:
-        assert cspec["authOptions"] == {"mode": "token"}, path
+        assert cspec["authOptions"] == {"mode": "token", "secretName": "heygen-ray-auth"}, path
         assert cspec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", path
         for group in cspec.get("workerGroupSpecs", []):
             assert "num-cpus" not in group["rayStartParams"] or group["rayStartParams"]["num-cpus"] != "0"
