@@ -93,7 +93,7 @@ def cluster_pids(root: Path, recorded: Dict[str, int]) -> Set[int]:
     """This cluster's live processes: recorded ones still the same process, ones naming `root` in their
     command line, and all their descendants."""
     me = os.getpid()
-    marker = str(root)
+    marker = str(root) + os.sep  # with the separator: /tmp/hr-local-1000 must not match /tmp/hr-local-10001/...
     found = {int(p) for p, t in recorded.items() if start_time(int(p)) == t}
     found |= {p for p in all_pids() if p != me and marker in cmdline(p)}
     ppid = parents()
@@ -174,7 +174,7 @@ def start(root: Path, worker_cpus: int, object_store_mb: int) -> dict:
     state_path.write_text(json.dumps(state, indent=2))
     (root / "env").write_text(
         "# source this file, then: ray job submit -- python jobs/...\n"
-        f"export RAY_ADDRESS={state['dashboard']}\n"
+        "# (RAY_API_SERVER_ADDRESS, not RAY_ADDRESS: an http RAY_ADDRESS would also redirect a local ray.init())\n"
         f"export RAY_API_SERVER_ADDRESS={state['dashboard']}\n"
         "export RAY_AUTH_MODE=token\n"
         f"export RAY_AUTH_TOKEN_PATH={token}\n")
