@@ -13,13 +13,14 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet --quiet
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo test test-fast bench clean
+.PHONY: help setup demo test test-fast bench clean cluster-up cluster-down
 
 help:
 	@echo "make demo   set up .venv and run the quickstart (generate data, run the pipelines)"
 	@echo "make test   set up .venv and run the test suite"
-	@echo "make bench  run the benchmarks in benchmarks/ (results in benchmarks/results/)"
+	@echo "make bench  run the benchmarks in benchmarks/ (results in benchmarks/results/, table in benchmarks/RESULTS.md)"
 	@echo "make clean  remove generated data and the venv"
+	@echo "make cluster-up / cluster-down  start / stop a local multi-process Ray cluster (token auth; see README)"
 
 $(STAMP): pyproject.toml $(LOCK) requirements/base.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,10 +39,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
+# Every benchmarks/*.py (each writes benchmarks/results/<name>.json with a "summary"), then the table
+# benchmarks/RESULTS.md built from all of them.
+BENCHMARKS := $(filter-out benchmarks/summary.py,$(sort $(wildcard benchmarks/*.py)))
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/data_pipeline.py
-	$(BIN)/python benchmarks/models.py
-	$(BIN)/python benchmarks/training.py
+	@set -e; for b in $(BENCHMARKS); do echo "== $$b"; $(BIN)/python $$b; done
+	$(BIN)/python benchmarks/summary.py
+
+# A local head (0 CPUs) + worker node with token auth, under $(HEYGEN_RAY_LOCAL_DIR) or /tmp/hr-local-<uid>;
+# stop ends only that cluster's processes.
+cluster-up: $(STAMP)
+	cluster/local/start.sh
+
+cluster-down:
+	cluster/local/stop.sh
 
 clean:
 	rm -rf $(VENV) data/quickstart .pytest_cache build *.egg-info

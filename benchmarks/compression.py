@@ -34,6 +34,31 @@ def cpu_flags() -> list:
     return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f")))
 
 
+def summarize(out: dict) -> list:
+    """The benchmark's rows for benchmarks/RESULTS.md (see benchmarks/summary.py), from its results dict."""
+    goals, reached, variants = out["goals"], out["reached"], out["variants"]
+    fp32, bf16, final = variants["teacher_fp32"], variants["teacher_bf16"], out["final_variant"]
+    fastest = reached["fastest_student_variant"]
+    clip_points = 100 / out["eval_rows"]  # one test clip, in accuracy points
+    delta = reached["final_accuracy_delta"] * 100
+    return [
+        {"measure": f"batch-1 p50 latency speed-up, final variant ({final})",
+         "anchor": f"teacher fp32 ({fp32['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_fp32']:g}x",
+         "measured": f"{reached['final_speedup_bs1_vs_fp32']:.2f}x", "met": reached["final_speedup_bs1_vs_fp32"] >= goals["speedup_vs_fp32"]},
+        {"measure": f"batch-1 p50 latency speed-up, final variant ({final})",
+         "anchor": f"teacher bf16 ({bf16['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_bf16']:g}x",
+         "measured": f"{reached['final_speedup_bs1_vs_bf16']:.2f}x", "met": reached["final_speedup_bs1_vs_bf16"] >= goals["speedup_vs_bf16"]},
+        {"measure": f"batch-1 p50 latency speed-up, fastest student ({fastest})",
+         "anchor": f"teacher fp32 ({fp32['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_fp32']:g}x",
+         "measured": f"{reached['fastest_speedup_bs1_vs_fp32']:.2f}x", "met": reached["fastest_speedup_bs1_vs_fp32"] >= goals["speedup_vs_fp32"]},
+        {"measure": f"{out['metric']} change, final variant", "anchor": f"teacher fp32 ({fp32['quality']:.3f})",
+         "goal": f"<= {goals['max_accuracy_drop'] * 100:g} point drop",
+         "measured": f"{delta:+.1f} points ({out['eval_rows']} test clips: 1 clip = {clip_points:.1f} points)",
+         # a goal finer than one test clip cannot be judged on this split
+         "met": (delta >= -goals["max_accuracy_drop"] * 100) if clip_points <= goals["max_accuracy_drop"] * 100 else None},
+    ]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=os.path.join(REPO, "configs/compress/video_classifier.yaml"))
@@ -76,6 +101,7 @@ def main(argv=None) -> int:
         "int8_vs_fp32_student": res["int8_vs_fp32_student"],
         "seconds": res["seconds"],
     }
+    out["summary"] = summarize(out)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -108,6 +108,19 @@ def cpu_isa_flags() -> List[str]:
     return []
 
 
+def summarize(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The benchmark's rows for benchmarks/RESULTS.md (see benchmarks/summary.py), from its results dict.
+    A measurement without a goal: one row per family at its largest measured size, bf16 autocast against fp32."""
+    rows = []
+    for family, sizes in report["results"].items():
+        size = "base" if "base" in sizes else next(iter(sizes))
+        r = sizes[size]
+        rows.append({"measure": f"bf16 autocast training step (fwd+bwd), {r['model']}, batch {r['batch_size']}",
+                     "anchor": f"fp32, same model ({r['fp32']['samples_per_s']:.3g} samples/s)",
+                     "goal": "none (measurement)", "measured": f"{r['bf16_over_fp32_speedup']:.2f}x", "met": None})
+    return rows
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="all", help=f"comma list or 'all' ({', '.join(FAMILIES)})")
@@ -158,6 +171,7 @@ def main(argv: List[str] | None = None) -> int:
                   f"fp32 {row['fp32']['samples_per_s']:9.2f}/s  bf16 {row['bf16_autocast']['samples_per_s']:9.2f}/s  "
                   f"x{row['bf16_over_fp32_speedup']:.2f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
             report["total_seconds"] = time.perf_counter() - total_start
+            report["summary"] = summarize(report)
             out.write_text(json.dumps(report, indent=2) + "\n")  # written after every row
     print(f"wrote {out} in {report['total_seconds']:.0f}s")
     return 0

@@ -150,6 +150,32 @@ def precision_curve(widths, steps: int, warmup: int) -> list:
     return rows
 
 
+def summarize(result: dict) -> list:
+    """The benchmark's rows for benchmarks/RESULTS.md (see benchmarks/summary.py), from its results dict."""
+    rows = []
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    if "ray_vs_torchrun" in result:
+        r = result["ray_vs_torchrun"]
+        rows.append({"measure": f"Ray Train DDP loop steps/s, {r['workers']} {r['backend']} workers",
+                     "anchor": f"plain torchrun DDP, same step ({med(r['torchrun_steps_per_s'])} steps/s)",
+                     "goal": f">= {r['goal']}x", "measured": f"{r['ratio_of_medians']}x ({med(r['ray_train_steps_per_s'])} steps/s)",
+                     "met": r["ratio_of_medians"] >= r["goal"]})
+    for row in result.get("bf16_vs_fp32", {}).get("rows", []):
+        big = row["width"] >= 512
+        rows.append({"measure": f"bf16 autocast training step speed, decoder width {row['width']}",
+                     "anchor": f"fp32 step ({row['fp32_sec_per_step']} s)", "goal": ">= 2x" if big else "none (below width 512)",
+                     "measured": f"{row['bf16_speedup']}x", "met": row["bf16_speedup"] >= 2 if big else None})
+    if "mfu_width_512" in result:
+        m = result["mfu_width_512"]
+        peak = m["matmul_peak_gflops"]
+        rows.append({"measure": "MFU, fp32 training at width 512", "anchor": f"measured fp32 matmul peak ({peak['fp32']} GFLOP/s)",
+                     "goal": f">= {m['goal']:.0%}", "measured": f"{m['fp32_mfu_vs_fp32_peak']:.0%}",
+                     "met": m["fp32_mfu_vs_fp32_peak"] >= m["goal"]})
+        rows.append({"measure": "MFU, bf16 training at width 512", "anchor": f"measured bf16 matmul peak ({peak['bf16']} GFLOP/s)",
+                     "goal": "none (measurement)", "measured": f"{m['bf16_mfu_vs_bf16_peak']:.0%}", "met": None})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -202,6 +228,7 @@ def main() -> int:
             "goal": 0.40,
         }
         print(json.dumps(result["mfu_width_512"]), flush=True)
+    result["summary"] = summarize(result)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
