@@ -13,10 +13,11 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet --quiet
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo test test-fast bench clean cluster-up cluster-down
+.PHONY: help setup demo stop test test-fast bench clean cluster-up cluster-down
 
 help:
-	@echo "make demo   set up .venv and run the quickstart (generate data, run the pipelines)"
+	@echo "make demo   set up .venv and run the quickstart pipeline (data, train, tune, compress, serve) on a local cluster"
+	@echo "make stop   stop the local cluster the demo started (and the Serve app on it)"
 	@echo "make test   set up .venv and run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/ (results in benchmarks/results/, table in benchmarks/RESULTS.md)"
 	@echo "make clean  remove generated data and the venv"
@@ -30,8 +31,13 @@ $(STAMP): pyproject.toml $(LOCK) requirements/base.txt
 
 setup: $(STAMP)
 
+# The quickstart runs as a driver of a local cluster (started if needed), so the Serve app it deploys
+# keeps running after it ends; `make stop` stops that cluster (and Serve with it).
 demo: $(STAMP)
-	$(BIN)/heygen-ray pipeline run --config configs/pipeline/quickstart.yaml
+	cluster/local/with_cluster.sh $(BIN)/heygen-ray pipeline run --config configs/pipeline/quickstart.yaml
+
+stop:
+	cluster/local/stop.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
