@@ -205,6 +205,27 @@ def complete_forward(runnable: Any, prep: Prep, prompts: List[List[int]], max_to
 # --------------------------------------------------------------------------------------------------
 
 
+def _decode_then(prep: Prep, videos: List[bytes], forward: Any, pass_index: bool = False) -> Tuple[Any, Dict[int, BadInputError]]:
+    """Decode each video; run ``forward`` on the decodable ones -> (its result, {index: error})."""
+    clips, keep, errors = [], [], {}
+    for i, data in enumerate(videos):
+        try:
+            clips.append(prep.decode(data))
+            keep.append(i)
+        except BadInputError as err:
+            errors[i] = err
+    if not clips:
+        return [], errors
+    return (forward(clips, keep) if pass_index else forward(clips)), errors
+
+
+def _raise_error(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A batch answers a bad item with {"error": BadInputError}: raise it for that request only."""
+    if "error" in result:
+        raise result["error"]
+    return result
+
+
 class Slot:
     """One loaded variant. :meth:`swap` replaces what it holds; callers take a :meth:`snapshot`."""
 
@@ -402,23 +423,29 @@ class ClassifyModel(TaskModel):
     endpoint = "classify"
 
     async def classify(self, data: bytes) -> Dict[str, Any]:
-        slot = await self._slot()
-        clip = await asyncio.to_thread(slot.snapshot()[2].decode, data)
-        return await self._batch(clip)
+        self._ensure_watch()
+        return _raise_error(await self._batch(data))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batch(self, clips: List[np.ndarray]) -> List[Dict[str, Any]]:
+    async def _batch(self, videos: List[bytes]) -> List[Dict[str, Any]]:
         runnable, info, prep = (await self._slot()).snapshot()
-        probs = await asyncio.to_thread(classify_forward, runnable, clips)
-        self._record(len(clips))
-        names = prep.label_names or [str(i) for i in range(probs.shape[1])]
-        if len(names) != probs.shape[1]:
+        # one thread hop per batch: decode every clip (the training decoder), then one forward
+        probs, errors = await asyncio.to_thread(_decode_then, prep, videos, lambda clips: classify_forward(runnable, clips))
+        n = len(videos) - len(errors)
+        self._record(n)
+        names = prep.label_names or []
+        if n and len(names) != probs.shape[1]:
             names = [str(i) for i in range(probs.shape[1])]
-        out = []
-        for p in probs:
-            k = int(p.argmax())
-            out.append({"label": k, "label_name": names[k], "probabilities": {n: float(v) for n, v in zip(names, p)},
-                        **self._meta(info, len(clips))})
+        out, k = [], 0
+        for i in range(len(videos)):
+            if i in errors:
+                out.append({"error": errors[i]})
+                continue
+            p = probs[k]
+            k += 1
+            j = int(p.argmax())
+            out.append({"label": j, "label_name": names[j], "probabilities": {c: float(v) for c, v in zip(names, p)},
+                        **self._meta(info, n)})
         return out
 
 
@@ -469,16 +496,22 @@ class MatchModel(TaskModel):
     endpoint = "match"
 
     async def match(self, data: bytes, captions: List[str]) -> Dict[str, Any]:
-        slot = await self._slot()
-        clip = await asyncio.to_thread(slot.snapshot()[2].decode, data)
-        return await self._batch((clip, list(captions)))
+        self._ensure_watch()
+        return _raise_error(await self._batch((data, list(captions))))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batch(self, reqs: List[Tuple[np.ndarray, List[str]]]) -> List[Dict[str, Any]]:
+    async def _batch(self, reqs: List[Tuple[bytes, List[str]]]) -> List[Dict[str, Any]]:
         runnable, info, prep = (await self._slot()).snapshot()
-        scores = await asyncio.to_thread(match_forward, runnable, prep, [r[0] for r in reqs], [r[1] for r in reqs])
-        self._record(len(reqs))
-        return [{"scores": s, **self._meta(info, len(reqs))} for s in scores]
+        caps = [r[1] for r in reqs]
+
+        def forward(clips: List[np.ndarray], keep: List[int]) -> List[List[Dict[str, float]]]:
+            return match_forward(runnable, prep, clips, [caps[i] for i in keep])
+
+        scores, errors = await asyncio.to_thread(_decode_then, prep, [r[0] for r in reqs], forward, True)
+        n = len(reqs) - len(errors)
+        self._record(n)
+        it = iter(scores)
+        return [{"error": errors[i]} if i in errors else {"scores": next(it), **self._meta(info, n)} for i in range(len(reqs))]
 
 
 DEPLOYMENTS = {"classify": ClassifyModel, "generate": GenerateModel, "complete": CompleteModel, "match": MatchModel}

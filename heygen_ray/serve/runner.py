@@ -38,6 +38,11 @@ def deploy(spec: ServeSpec, *, blocking: bool = False) -> Dict[str, Any]:
 
     init_ray(spec.ray)
     serve.start(http_options={"host": spec.host, "port": spec.port})
+    running = _http_binding()
+    if running is not None and running != (spec.host, spec.port):  # Serve was already up elsewhere
+        log.warning("Serve already runs on %s:%s; the app is served there, not on %s:%s (serve.shutdown() "
+                    "first to move it)", *running, spec.host, spec.port)
+        spec = ServeSpec.from_dict(dict(spec.to_dict(), host=running[0], port=running[1]))
     serve.run(app_from_spec(spec), name=spec.name, route_prefix=spec.route_prefix, blocking=False)
     url = _url(spec)
     result = {
@@ -53,6 +58,17 @@ def deploy(spec: ServeSpec, *, blocking: bool = False) -> Dict[str, Any]:
         except KeyboardInterrupt:
             shutdown()
     return result
+
+
+def _http_binding() -> Optional[Tuple[str, int]]:
+    """(host, port) of the running Serve HTTP proxies (through Serve's client; None if unknown)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        cfg = _get_global_client().http_config
+        return str(cfg.host), int(cfg.port)
+    except Exception:  # pragma: no cover - private API moved
+        return None
 
 
 def shutdown() -> None:

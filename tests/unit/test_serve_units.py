@@ -118,3 +118,18 @@ def test_multipart_and_uri_root(tmp_path):
     with pytest.raises(BadInputError) as e:
         read_video_uri(str(root / "a.mp4"), str(root), 10)
     assert e.value.status == 413
+
+
+def test_a_bad_video_in_a_batch_fails_only_its_request():
+    from heygen_ray.config import ServeEndpointSpec
+    from heygen_ray.serve.app import Prep, _decode_then, _raise_error
+    from heygen_ray.serve.runner import sample_video
+
+    prep = Prep({"data_info": {"clip_frames": 4, "height": 16, "width": 16}}, ServeEndpointSpec(model="models:/m@a"), "classify")
+    seen = []
+    out, errors = _decode_then(prep, [sample_video(), b"garbage" * 50, sample_video()], lambda clips: seen.append(len(clips)) or "ok")
+    assert out == "ok" and seen == [2] and list(errors) == [1]
+    assert errors[1].field == "video" and errors[1].status == 422 and "cannot decode" in errors[1].message
+    with pytest.raises(BadInputError):
+        _raise_error({"error": errors[1]})
+    assert prep.decode(sample_video()).shape == (4, 16, 16, 3)
