@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) data/quickstart .pytest_cache build *.egg-info
