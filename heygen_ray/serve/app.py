@@ -185,7 +185,7 @@ def complete_forward(runnable: Any, prep: Prep, prompts: List[List[int]], max_to
             logits = runnable(input_ids=ids, attention_mask=mask)[:, -1].float()  # (B, V)
             for j, i in enumerate(active):
                 t = temperatures[i]
-                if t <= 0:
+                if t < 1e-3:  # (near) zero: greedy, and no overflow in logits / t
                     nxt = int(logits[j].argmax())
                 else:
                     probs = torch.softmax(logits[j] / t, dim=-1)

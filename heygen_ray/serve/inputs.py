@@ -86,6 +86,8 @@ def read_video_uri(uri: str, allowed_root: Optional[str], max_bytes: int) -> byt
         target = uri
     else:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if "\x00" in path:
+            raise BadInputError("uri", "contains a NUL character")
         if not os.path.isabs(path):
             raise BadInputError("uri", "must be an absolute path or a URI")
         real, root = os.path.realpath(path), os.path.realpath(allowed_root)

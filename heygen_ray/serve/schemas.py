@@ -52,7 +52,7 @@ class GenerateRequest(_Body):
 class CompleteRequest(_Body):
     prompt: str = Field(min_length=1)
     max_tokens: int = Field(ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0: greedy")
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="0 (or < 0.001): greedy")
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
 
 

@@ -83,6 +83,8 @@ def test_request_bodies_name_the_field():
     with pytest.raises(BadInputError) as e:
         validate_body(GenerateRequest, {"prompt": "a", "format": "avi"})
     assert e.value.field == "format"
+    with pytest.raises(BadInputError, match="temperature: Input should be a finite number"):
+        validate_body(CompleteRequest, __import__("json").loads('{"prompt": "a", "max_tokens": 2, "temperature": NaN}'))
     from heygen_ray.config import ServeLimitsSpec
 
     with pytest.raises(BadInputError, match="max_tokens: 99 > the limit of 16"):
@@ -107,7 +109,7 @@ def test_multipart_and_uri_root(tmp_path):
     os.symlink(tmp_path / "secret.mp4", root / "link.mp4")
     assert read_video_uri(str(root / "a.mp4"), str(root), 10**6) == video
     assert read_video_uri(f"file://{root}/a.mp4", str(root), 10**6) == video
-    for bad, status in [(str(root / "link.mp4"), 403), (f"{root}/../secret.mp4", 403), ("a.mp4", 422),
+    for bad, status in [(str(root / "link.mp4"), 403), (str(root) + "/a\x00.mp4", 422), (f"{root}/../secret.mp4", 403), ("a.mp4", 422),
                         ("s3://elsewhere/a.mp4", 403), (str(root / "none.mp4"), 404)]:
         with pytest.raises(BadInputError) as e:
             read_video_uri(bad, str(root), 10**6)
