@@ -393,9 +393,11 @@ class TaskModel:
             int8 = extra.get("int8_artifact")
             prec = precision or ("int8_static" if str(int8).endswith(".pt2") else "int8_dynamic" if int8 else "fp32")
             alias = uri.split("@", 1)[1] if "@" in uri else None
+            variant = str(extra.get("variant") or "fp32")
+            if precision == "bf16":  # named as load_variant names a cast
+                variant = "bf16" if variant in ("fp32", "bf16") else f"{variant}+bf16"
             return {"name": ref.name, "version": ref.version, "alias": alias, "run_id": ref.run_id, "uri": uri,
-                    "variant": str(extra.get("variant") or "fp32") if precision != "bf16" else "bf16",
-                    "precision": prec, "loaded": False}
+                    "variant": variant, "precision": prec, "loaded": False}
         except Exception as err:
             return {"error": f"{type(err).__name__}: {err}", "loaded": False}
 
