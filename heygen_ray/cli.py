@@ -313,6 +313,56 @@ def compress(
     console.print(f"results: {results['results_path']}")
 
 
+@app.command("serve")
+def serve_app(
+    config: Path = typer.Option(Path("configs/serve/quickstart.yaml"), "--config", "-c"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="deploy, send one request per endpoint, shut down (exit 0/1)"),
+    results: Optional[Path] = typer.Option(None, help="write the deployment (and smoke report) as JSON here"),
+) -> None:
+    """Deploy the Serve app (models from the MLflow registry) and keep serving until Ctrl-C."""
+    import time as _time
+
+    from heygen_ray.config import ServeSpec
+    from heygen_ray.serve import deploy, shutdown, smoke
+
+    spec: ServeSpec = _load(ServeSpec, config, overrides)
+    try:
+        out = deploy(spec)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    t = Table(title=f"serve {spec.name} at {out['url']}")
+    for col in ("endpoint", "path", "model", "variants"):
+        t.add_column(col)
+    for name, e in out["endpoints"].items():
+        t.add_row(name, e["path"], str(e["model"]), ", ".join(e["variants"]))
+    console.print(t)
+    if not smoke_test:
+        _write_results(results, out)
+        console.print("serving; Ctrl-C stops")
+        try:
+            while True:
+                _time.sleep(3600)
+        except KeyboardInterrupt:
+            shutdown()
+        return
+    code = 0
+    try:
+        report = smoke(out["url"], spec)
+        out["smoke"] = report
+        for name, r in report.items():
+            console.print(f"{name}: {r['status']} in {r['latency_ms']:.1f} ms ({r['model']} v{r['version']}, {r['variant']})")
+    except RuntimeError as err:
+        err_console.print(str(err), highlight=False)
+        out["smoke_error"] = str(err)
+        code = 1
+    finally:
+        shutdown()
+    _write_results(results, out)
+    raise typer.Exit(code)
+
+
 @models_app.command("list")
 def models_list(
     details: bool = typer.Option(False, help="build each preset and show parameters and forward GFLOPs/sample"),

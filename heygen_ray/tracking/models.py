@@ -455,3 +455,35 @@ def load_pyfunc(uri: str, *, tracking_uri: Optional[str] = None):
     with tempfile.TemporaryDirectory(prefix="heygen_ray_pyfunc_") as tmp:
         # load_context reads the weights into memory, so the download can go afterwards
         return mlflow.pyfunc.load_model(_download_model_dir(uri, tracking_uri, tmp))
+
+
+# --------------------------------------------------------------------------------------------------
+# For serving: a model's model.json alone, a run's artifact, a variant's version
+# --------------------------------------------------------------------------------------------------
+
+
+def load_model_config(uri: str, *, tracking_uri: Optional[str] = None) -> Dict[str, Any]:
+    """The model.json of `uri` (any form `load_model_and_config` takes), without building the model."""
+    with tempfile.TemporaryDirectory(prefix="heygen_ray_config_") as tmp:
+        root = _download_model_dir(uri, tracking_uri, tmp)
+        path = os.path.join(root, "artifacts", CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{uri} is not a heygen_ray model (no artifacts/{CONFIG_FILE})")
+        with open(path) as f:
+            return json.load(f)
+
+
+def download_run_artifact(run_id: str, path: str, dst_dir: str, *, tracking_uri: Optional[str] = None) -> str:
+    """Download artifact `path` of run `run_id` into `dst_dir`; returns the local file path."""
+    return _client(tracking_uri).download_artifacts(run_id, path, dst_dir)
+
+
+def find_variant_version(name: str, variant: str, *, tracking_uri: Optional[str] = None) -> Optional[str]:
+    """The newest version of registered model `name` tagged `heygen_ray.variant=<variant>` (what the
+    compression stage registers for each variant), or None."""
+    client = _client(tracking_uri)
+    safe_name, safe_variant = name.replace("'", ""), variant.replace("'", "")
+    versions = client.search_model_versions(f"name='{safe_name}' and tags.`heygen_ray.variant`='{safe_variant}'")
+    if not versions:
+        return None
+    return str(max(int(v.version) for v in versions))
