@@ -106,7 +106,8 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
             units.append(Unit(where, "train", _validated(TrainSpec, d, where, ref), ["data"] if "data" in spec.stages else [],
                               os.path.join(out_dir, "train", entry)))
     if "tune" in spec.stages:
-        d = _stage_dict(spec.tune, "tune", "sweep", spec.smoke)
+        kind = (load_yaml(spec.tune.config) if os.path.isfile(spec.tune.config) else {}).get("stage", "train")
+        d = _stage_dict(spec.tune, "tune", "sweep_compress" if kind == "compress" else "sweep", spec.smoke)
         over = d.setdefault("train", {})  # merged over the base: a training spec, or a compression spec's `train`
         own_data(over.setdefault("train", {}) if d.get("stage") == "compress" else over)
         d["run_dir"] = os.path.join(out_dir, "tune")
@@ -132,6 +133,14 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
         ref = spec.serve
         d = _stage_dict(ref, "serve", None, spec.smoke)
         deps = [src for src in (ref.classify, ref.generate, ref.complete, ref.match) if src]
+        from heygen_ray.config import SERVE_ENDPOINTS, ServeSpec
+
+        check = json.loads(json.dumps(d))  # the models come from the stages: validate the rest now
+        for ep in SERVE_ENDPOINTS:
+            section = check.setdefault(ep, {}) or {}
+            check[ep] = section
+            section["model"] = f"models:/{ep}@{spec.champion_alias}" if getattr(ref, ep) else None
+        _validated(ServeSpec, check, "serve", ref)
         units.append(Unit("serve", "serve", d, sorted(set(deps)), os.path.join(out_dir, "serve")))
     return units
 

@@ -12,20 +12,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICKSTART = os.path.join(REPO, "configs/pipeline/quickstart.yaml")
 
 
-SERVE_YAML = "/tmp/hr_plan_serve.yaml"
-
-
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # stage configs are relative to the working directory, as for a user
-    with open(SERVE_YAML, "w") as f:  # the serve stage's own YAML is only read here, not validated
-        f.write("http: {port: 8000}\n")
 
 
 def _spec(*overrides):
-    serve = f"serve={{config: {SERVE_YAML}, classify: compress, generate: train.text_to_video, complete: tune}}"
-    return load_spec(PipelineSpec, QUICKSTART, ["output_dir=/tmp/hr_plan", "stages=[data,train,tune,compress,serve]",
-                                                serve, *overrides])
+    return load_spec(PipelineSpec, QUICKSTART, ["output_dir=/tmp/hr_plan", *overrides])
 
 
 def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
@@ -60,6 +53,8 @@ def test_a_bad_stage_config_fails_before_anything_runs_naming_stage_and_field():
         plan_pipeline(_spec("compress.overrides={prune.ratio: 1.5}"))
     with pytest.raises(ConfigError, match="tune.config"):
         plan_pipeline(_spec("tune.config=configs/sweep/nope.yaml"))
+    with pytest.raises(ConfigError, match="serve.*limits.max_tokens"):
+        plan_pipeline(_spec("serve.overrides={limits.max_tokens: 0}"))
 
 
 @pytest.mark.parametrize("override, message", [
