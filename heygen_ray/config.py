@@ -1049,6 +1049,7 @@ class ServeSpec(Spec):
     reload_period_s: Optional[float] = Field(default=None, gt=0.0, description="re-resolve aliases this often; null: only on POST /v1/admin/reload")
     ingress_num_cpus: float = Field(default=0.1, gt=0.0)
     ingress_replicas: int = Field(default=1, ge=1)
+    access_log: bool = Field(default=False, description="Serve's per-request access log lines (CPU on every hop)")
     ray: RaySpec = Field(default_factory=RaySpec)
 
     def enabled(self) -> List[str]:

@@ -43,7 +43,8 @@ def deploy(spec: ServeSpec, *, blocking: bool = False) -> Dict[str, Any]:
         log.warning("Serve already runs on %s:%s; the app is served there, not on %s:%s (serve.shutdown() "
                     "first to move it)", *running, spec.host, spec.port)
         spec = ServeSpec.from_dict(dict(spec.to_dict(), host=running[0], port=running[1]))
-    serve.run(app_from_spec(spec), name=spec.name, route_prefix=spec.route_prefix, blocking=False)
+    serve.run(app_from_spec(spec), name=spec.name, route_prefix=spec.route_prefix, blocking=False,
+              logging_config={"enable_access_log": spec.access_log})
     url = _url(spec)
     result = {
         "url": url, "app": spec.name,
