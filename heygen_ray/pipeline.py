@@ -287,6 +287,8 @@ class _Poller:
 
 
 def _tracking(base: Dict[str, Any], uri: Optional[str], parent: Optional[str], enabled: bool, **extra: Any) -> Dict[str, Any]:
+    """A stage's tracking section: the pipeline's store and experiment, nested under the stage's run
+    (MLflow shows a child run under its parent only within one experiment)."""
     t = dict(base or {})
     t.update(enabled=enabled and t.get("enabled", True), tracking_uri=uri, parent_run_id=parent, **extra)
     return t
@@ -426,8 +428,10 @@ class PipelineRun:
 
         entry = unit.name.split(".", 1)[1]
         d = unit.spec.to_dict()
-        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
-                                  bool(self.tracking_uri))
+        # a resumed training continues its run where it was nested (its params include the parent)
+        parent = (resume or {}).get("mlflow_parent_run_id") or (stage_run.run_id if self.tracking_uri else None)
+        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, parent, bool(self.tracking_uri),
+                                  experiment=self.spec.tracking.experiment)
         spec = TrainSpec.from_dict(d, source=unit.name)
         # the training's MLflow run is opened here and kept in the ledger, so a resubmission after a
         # crash continues the same run (run_training reopens it) as it continues the checkpoints
@@ -438,7 +442,7 @@ class PipelineRun:
             tr = tracking.make_tracker(spec.tracking.to_dict(), unit.run_dir, run_name=entry)
             tr.start()
             run_id = tr.run_id
-        self.ledger.record(unit.name, run_dir=unit.run_dir, mlflow_run_id=run_id)
+        self.ledger.record(unit.name, run_dir=unit.run_dir, mlflow_run_id=run_id, mlflow_parent_run_id=parent)
         with _Poller(unit.name, self.on_progress, spec.steps):
             res = run_training(spec, callbacks=[_train_progress_callback(unit.name, spec.steps)], mlflow_run_id=run_id)
         task = task_for(spec)
@@ -459,7 +463,7 @@ class PipelineRun:
 
         d = unit.spec.to_dict()
         d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
-                                  bool(self.tracking_uri))
+                                  bool(self.tracking_uri), experiment=self.spec.tracking.experiment)
         res = run_sweep(SweepSpec.from_dict(d, source="tune"))
         champion = _set_champion(res.get("registered_model_name"), res.get("model_version"), self.spec.champion_alias,
                                  self.tracking_uri)
@@ -483,7 +487,7 @@ class PipelineRun:
         d = unit.spec.to_dict()
         d["teacher"] = uri
         d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
-                                  bool(self.tracking_uri))
+                                  bool(self.tracking_uri), experiment=self.spec.tracking.experiment)
         res = run_compression(CompressSpec.from_dict(d, source="compress"))
         rows = {r["variant"]: r for r in res["variants"]}
         final = rows[res["final_variant"]]
