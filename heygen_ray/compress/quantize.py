@@ -229,6 +229,15 @@ def _dynamic_batch(example_inputs: Mapping[str, torch.Tensor]) -> Dict[str, Any]
     return {k: {0: batch} for k in example_inputs}
 
 
+def load_pt2(path: str) -> nn.Module:
+    """The module of a ``.pt2`` written by :func:`export_pt2` (``torch.export.load``: trusted files only).
+    An int8 (PT2E) graph holds ``quantized_decomposed`` ops, which only torchao's pt2e package
+    registers: import it first, or a fresh process (a Serve replica) cannot deserialize the file."""
+    import torchao.quantization.pt2e  # noqa: F401 (registers torch.ops.quantized_decomposed.*)
+
+    return torch.export.load(path).module()
+
+
 def export_pt2(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], path: str) -> str:
     """``torch.export`` with a dynamic batch dimension, saved as ``.pt2`` (example batch >= 2: a
     batch of 1 would specialise the dimension)."""

@@ -78,7 +78,7 @@ def _int8(model: Any, config: Dict[str, Any], run_id: Optional[str], tracking_ur
           compile_int8: bool) -> Tuple[Any, str]:
     import torch
 
-    from heygen_ray.compress.quantize import compile_frozen, load_int8_dynamic
+    from heygen_ray.compress.quantize import compile_frozen, load_int8_dynamic, load_pt2
     from heygen_ray.tracking import download_run_artifact
 
     file = str(config["extra"]["int8_artifact"])
@@ -87,7 +87,7 @@ def _int8(model: Any, config: Dict[str, Any], run_id: Optional[str], tracking_ur
     with tempfile.TemporaryDirectory(prefix="heygen_ray_int8_") as tmp:
         path = download_run_artifact(run_id, f"variant/{file}", tmp, tracking_uri=tracking_uri)
         if file.endswith(".pt2"):
-            gm = torch.export.load(path).module()
+            gm = load_pt2(path)
             return (compile_frozen(gm, freezing=True) if compile_int8 else gm), "int8_static"
         if file.endswith(".pt"):
             # `model` is a fresh fp32 build of the architecture: quantized, then the int8 state is
