@@ -233,9 +233,11 @@ def load_pt2(path: str) -> nn.Module:
     """The module of a ``.pt2`` written by :func:`export_pt2` (``torch.export.load``: trusted files only).
     An int8 (PT2E) graph holds ``quantized_decomposed`` ops, which only torchao's pt2e package
     registers: import it first, or a fresh process (a Serve replica) cannot deserialize the file."""
-    import torchao.quantization.pt2e  # noqa: F401 (registers torch.ops.quantized_decomposed.*)
+    import torchao.quantization.pt2e as pt2e  # registers torch.ops.quantized_decomposed.*
 
-    return torch.export.load(path).module()
+    gm = torch.export.load(path).module()
+    pt2e.allow_exported_model_train_eval(gm)  # an exported module's .eval()/.train() raise otherwise
+    return gm
 
 
 def export_pt2(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], path: str) -> str:

@@ -51,7 +51,7 @@ def test_int8_static_pt2e_close_to_fp32_after_calibration(tmp_path):
     import subprocess
     import sys
 
-    code = ("import torch; from heygen_ray.compress import quantize as q; m = q.load_pt2(%r); "
+    code = ("import torch; from heygen_ray.compress import quantize as q; m = q.load_pt2(%r); m.eval(); "
             "print(tuple(m(video=torch.zeros(3, 3, 8, 32, 32)).shape))" % path)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == f"(3, {m.num_classes})", r.stderr[-2000:]
