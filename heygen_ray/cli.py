@@ -7,7 +7,7 @@ import time
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, NoReturn, Optional, Type
 
 import typer
 from rich.console import Console
@@ -33,14 +33,19 @@ err_console = Console(stderr=True)
 OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. video.clip_frames=8", show_default=False)
 
 
+def _config_failure(err: ConfigError) -> NoReturn:
+    """Print a config error (the field's dotted path is in the message) and exit with status 2."""
+    err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
 def _load(cls: Type[Spec], config: Optional[Path], overrides: Optional[List[str]], smoke_key: Optional[str] = None) -> Any:
     ovr = list(SMOKE_OVERRIDES.get(smoke_key, [])) if smoke_key else []
     ovr += list(overrides or [])
     try:
         return load_spec(cls, config, ovr)
     except ConfigError as err:
-        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        _config_failure(err)
 
 
 def _write_results(path: Optional[Path], payload: Dict[str, Any]) -> None:
@@ -182,8 +187,7 @@ def pipeline_run(
         with progress:
             summary = run_pipeline(spec, force=force or (), on_progress=update, on_event=event)
     except ConfigError as err:
-        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        _config_failure(err)
     t = Table(title=f"pipeline {summary['name']} ({summary['seconds']:.0f} s)")
     for col in ("stage", "status", "key metric", "seconds"):
         t.add_column(col)
@@ -226,8 +230,7 @@ def train(
     try:
         results = run_training(spec)
     except ConfigError as err:
-        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        _config_failure(err)
     m = results.get("metrics", {})
     t = Table(title=f"train {results['name']} ({results['task']}, {results['model']})")
     for col in ("step", "metric", "value"):
@@ -260,8 +263,7 @@ def tune(
         plan = plan_sweep(spec)  # the whole search space is checked before Ray starts
         results = run_sweep(spec, plan=plan)
     except ConfigError as err:
-        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        _config_failure(err)
     t = Table(title=f"sweep {results['name']}: {results['metric']} ({results['mode']})")
     metrics = [m for m, _ in plan.objectives]
     for col in ("trial", "status", "step", *metrics, *[p for p in plan.space.paths]):
@@ -299,8 +301,7 @@ def compress(
     try:
         results = run_compression(spec)
     except ConfigError as err:
-        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        _config_failure(err)
     t = Table(title=f"compress {results['name']} ({results['model']}, {results['metric']})")
     for col in ("variant", results["metric"], "delta", "params", "MB", "p50 ms bs1", "p50 ms bs8", "x fp32", "x bf16", "gate"):
         t.add_column(col)
@@ -330,8 +331,7 @@ def serve_app(
     try:
         out = deploy(spec)
     except ConfigError as err:
-        err_console.print(f"[bold red]config error[/]: {err}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        _config_failure(err)
     t = Table(title=f"serve {spec.name} at {out['url']}")
     for col in ("endpoint", "path", "model", "variants"):
         t.add_column(col)
