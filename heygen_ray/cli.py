@@ -177,6 +177,8 @@ def pipeline_run(
             line = f"{elapsed} [cyan]skipped[/]  {unit} (unchanged since {info.get('finished_at', '?')})"
         elif what == "failed":
             line = f"{elapsed} [red]failed[/]   {unit}: {info.get('error', '')[:300]}"
+            if info.get("ray_logs"):
+                line += f"\n           the Ray workers' logs: {info['ray_logs']}"
         elif what == "note":
             line = f"{elapsed} [yellow]note[/]     {unit}: {info.get('message', '')}"
         else:
@@ -209,8 +211,10 @@ def print_where_to_look(summary: Dict[str, Any]) -> None:
     if serve.get("url"):
         lines.append(f"Serve:     {serve['url']}  (GET /v1/models; stop: make stop)" if serve.get("running")
                      else f"Serve:     was {serve['url']} (shut down after the smoke requests)")
-    if serve.get("dashboard_url"):
-        lines.append(f"Ray dashboard: {serve['dashboard_url']}")
+    if summary.get("dashboard_url"):
+        lines.append(f"Ray:       {summary['dashboard_url']}  (the dashboard: jobs, actors, Serve, logs)")
+    if summary.get("ray_logs"):
+        lines.append(f"Ray logs:  {summary['ray_logs']}")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
 

@@ -228,6 +228,8 @@ class RaySpec(Spec):
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, ge=1, description="only when starting a local Ray")
     object_store_memory_mb: Optional[int] = Field(default=None, ge=64)
+    log_to_driver: bool = Field(default=True, description="print the Ray workers' logs on this console; off: they "
+                                "stay in the session's log folder (printed at the end) and the console shows progress")
 
 
 class SplitSpec(Spec):
@@ -865,7 +867,16 @@ class GateSpec(Spec):
     alias: str = Field(default="compressed", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+# The compression stage's reference variants, measured beside teacher_fp32 and the final int8 variant
+# (always measured: the gate and the headline speedup need them).
+REFERENCE_VARIANTS = ("teacher_bf16", "pruned", "pruned_distilled", "pruned_distilled_bf16", "pruned_distilled_compiled")
+
+
 class MeasureSpec(Spec):
+    variants: List[Literal[REFERENCE_VARIANTS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(REFERENCE_VARIANTS),
+        description="reference variants measured, reported and registered beside teacher_fp32 and the final int8 "
+        "variant; fewer is faster (a sweep trial, the quickstart)")
     rounds: int = Field(default=5, ge=1)
     iters: int = Field(default=10, ge=1)
     max_eval_rows: int = Field(default=512, ge=1)

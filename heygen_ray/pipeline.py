@@ -327,12 +327,11 @@ class PipelineRun:
 
     # -- helpers -----------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
-        from heygen_ray import tracking
-        from heygen_ray.runtime import init_ray
+        from heygen_ray import runtime, tracking
 
         spec = self.spec
         os.makedirs(self.out_dir, exist_ok=True)
-        init_ray(spec.ray)
+        runtime.init_ray(spec.ray)
         trk = tracking.resolve_spec(spec.tracking, self.out_dir)
         self.tracking_uri = trk.tracking_uri if trk.enabled else None
         parent = tracking.make_tracker(trk, self.out_dir, run_name=f"pipeline-{spec.name}",
@@ -362,6 +361,7 @@ class PipelineRun:
             "name": spec.name, "spec_fingerprint": spec.fingerprint(), "code_version": self.code,
             "seconds": round(time.perf_counter() - t0, 2), "summary": rows, "stages": self.outputs,
             "ledger": self.ledger.path, "tracking_uri": self.tracking_uri, "mlflow_run_id": getattr(parent, "run_id", None),
+            "dashboard_url": runtime.dashboard_url(), "ray_logs": runtime.logs_dir(),
         }
         return result
 
@@ -391,7 +391,9 @@ class PipelineRun:
         except BaseException as err:
             self.ledger.record(unit.name, status="failed", error=str(err).splitlines()[0][:500] if str(err) else repr(err),
                                seconds=round(time.perf_counter() - t0, 2))
-            self.on_event(unit.name, "failed", {"error": str(err)})
+            from heygen_ray import runtime
+
+            self.on_event(unit.name, "failed", {"error": str(err), "ray_logs": runtime.logs_dir()})
             raise
         seconds = round(time.perf_counter() - t0, 2)
         self.outputs[unit.name] = outputs
@@ -505,8 +507,6 @@ class PipelineRun:
     def _run_serve(self, unit: Unit, stage_run: Any, resume: Any):
         """Deploy every endpoint's champion (the compression variants multiplexed by name), send one
         request per endpoint, and leave Serve running (or shut it down: serve.keep_running)."""
-        import ray
-
         from heygen_ray import serve
         from heygen_ray.config import SERVE_ENDPOINTS, ServeSpec
 
@@ -549,12 +549,8 @@ class PipelineRun:
             log_note = ("Serve lives in this process's local Ray and stops when the pipeline exits: start a cluster "
                         "(make cluster-up) and submit to it to keep it running")
             self.on_event("serve", "note", {"message": log_note})
-        try:
-            dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
-        except Exception:  # noqa: BLE001
-            dashboard = None
         stage_run.log_metrics({f"smoke_{k}_ms": v["latency_ms"] for k, v in smoke.items()})
-        out = {"url": url, "running": running, "endpoints": served, "dashboard_url": dashboard,
+        out = {"url": url, "running": running, "endpoints": served,
                "smoke": {k: {**v, "ok": v.get("status") == 200} for k, v in smoke.items()}}
         ok = sum(1 for v in out["smoke"].values() if v["ok"])
         return out, f"{ok}/{len(out['smoke'])} smoke requests OK at {url}" + ("" if running else " (shut down)")

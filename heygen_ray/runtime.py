@@ -20,7 +20,7 @@ def init_ray(spec: Optional[RaySpec] = None, *, quiet: bool = True) -> None:
         return
     spec = spec or RaySpec()
     address = spec.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"log_to_driver": True}
+    kwargs = {"log_to_driver": spec.log_to_driver}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -32,3 +32,46 @@ def init_ray(spec: Optional[RaySpec] = None, *, quiet: bool = True) -> None:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+    if not spec.log_to_driver:
+        quiet_console()
+
+
+_QUIET = False
+
+
+def quiet_console() -> None:
+    """Keep this process's console for progress: the libraries' info chatter, MLflow's download bars
+    and Tune's trial tables off (errors still show; the workers' logs stay in Ray's log folder)."""
+    global _QUIET
+    _QUIET = True
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    for name in ("ray.serve", "ray.train", "ray.tune", "mlflow", "torchao"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "no available CPUs, the Dataset job will hang" fires while the previous stage's decoders wind down
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def console_is_quiet() -> bool:
+    """True after :func:`quiet_console` (``ray.log_to_driver: false``): callers print less."""
+    return _QUIET
+
+
+def dashboard_url() -> Optional[str]:
+    """The Ray dashboard of the cluster this process joined, as an http URL (None when unknown)."""
+    try:
+        from ray._private.worker import get_dashboard_url  # no public API gives it after ray.init
+
+        url = get_dashboard_url()
+    except Exception:  # noqa: BLE001
+        return None
+    return f"http://{url}" if url and not url.startswith("http") else url or None
+
+
+def logs_dir() -> Optional[str]:
+    """This node's Ray session log folder (every worker's stdout/stderr)."""
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it
+    except Exception:  # noqa: BLE001
+        return None

@@ -28,13 +28,15 @@ def pick_alias(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> 
     return min(ok, key=lambda r: r["p50_ms_bs1"])["variant"] if ok else None
 
 
-def add_speedups(rows: List[Dict[str, Any]], fp32: str, bf16: str) -> None:
+def add_speedups(rows: List[Dict[str, Any]], fp32: str, bf16: Optional[str]) -> None:
+    """Speedups of every row against the fp32 (and, when measured, the bf16) teacher; the bf16 ones
+    are None without a bf16 row."""
     ref = {r["variant"]: r for r in rows}
     for r in rows:
-        r["speedup_bs1_vs_fp32"] = ref[fp32]["p50_ms_bs1"] / r["p50_ms_bs1"]
-        r["speedup_bs1_vs_bf16"] = ref[bf16]["p50_ms_bs1"] / r["p50_ms_bs1"]
-        r["speedup_bs8_vs_fp32"] = ref[fp32]["p50_ms_bs8"] / r["p50_ms_bs8"]
-        r["speedup_bs8_vs_bf16"] = ref[bf16]["p50_ms_bs8"] / r["p50_ms_bs8"]
+        for bs in (1, 8):
+            key = f"p50_ms_bs{bs}"
+            r[f"speedup_bs{bs}_vs_fp32"] = ref[fp32][key] / r[key]
+            r[f"speedup_bs{bs}_vs_bf16"] = ref[bf16][key] / r[key] if bf16 else None
 
 
 def _cell(v: Any) -> str:

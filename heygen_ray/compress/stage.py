@@ -4,7 +4,8 @@
 Variants (all measured on the same held-out split, in this process, latencies interleaved):
   teacher_fp32, teacher_bf16, pruned (no training), pruned_distilled, pruned_distilled_bf16,
   pruned_distilled_compiled (fp32, torch.compile with freezing), pruned_distilled_<int8 scheme> (the
-  final variant), and unstructured_control when asked.
+  final variant), and unstructured_control when asked. ``measure.variants`` picks which of the
+  reference variants (all but teacher_fp32 and the final one) are measured and registered.
 
 Artifacts under <run_dir>/<name>/variants/<variant>/: the model directory (safetensors + model.json,
 loadable with `heygen_ray.tracking.load_model`), plus `int8_dynamic.pt` (torch.load weights_only) or
@@ -95,10 +96,8 @@ def held_out_batches(tspec: TrainSpec, task: Any, split: str, max_rows: int, bat
     return out
 
 
-def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> Dict[str, Any]:
-    """Run the whole chain on the current Ray cluster; returns (and writes) the report.
-    ``compiled_reference=False`` (a sweep trial) skips pruned_distilled_compiled, a reference for the
-    report that costs one more Inductor compile."""
+def run_compression(spec: CompressSpec) -> Dict[str, Any]:
+    """Run the whole chain on the current Ray cluster; returns (and writes) the report."""
     import torch
 
     from heygen_ray import tracking
@@ -185,17 +184,22 @@ def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> D
             variants[name], archs[name] = runnable, arch_model
             arts[name] = weights if os.path.isdir(artifact) else artifact
 
+        refs = set(spec.measure.variants)
         add("teacher_fp32", teacher, teacher_dir, teacher)
-        t_bf16 = quantize.to_bf16(teacher)
-        add("teacher_bf16", t_bf16, save_model_dir(os.path.join(vdir, "teacher_bf16"), t_bf16.model,
-                                                   model_name=model_name, model_overrides=overrides), teacher)
-        add("pruned", student, pruned_dir, student)
-        add("pruned_distilled", distilled, distilled_dir, distilled)
-        d_bf16 = quantize.to_bf16(distilled)
-        add("pruned_distilled_bf16", d_bf16, save_model_dir(os.path.join(vdir, "pruned_distilled_bf16"), d_bf16.model,
-                                                            model_name=model_name, model_overrides=overrides), distilled)
+        if "teacher_bf16" in refs:
+            t_bf16 = quantize.to_bf16(teacher)
+            add("teacher_bf16", t_bf16, save_model_dir(os.path.join(vdir, "teacher_bf16"), t_bf16.model,
+                                                       model_name=model_name, model_overrides=overrides), teacher)
+        if "pruned" in refs:
+            add("pruned", student, pruned_dir, student)
+        if "pruned_distilled" in refs:
+            add("pruned_distilled", distilled, distilled_dir, distilled)
+        if "pruned_distilled_bf16" in refs:
+            d_bf16 = quantize.to_bf16(distilled)
+            add("pruned_distilled_bf16", d_bf16, save_model_dir(os.path.join(vdir, "pruned_distilled_bf16"), d_bf16.model,
+                                                                model_name=model_name, model_overrides=overrides), distilled)
         # fp32 through Inductor with freezing: what compilation alone gives (the int8 path's baseline)
-        if compiled_reference:
+        if "pruned_distilled_compiled" in refs:
             add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),
                 distilled_dir, distilled)
         final = f"pruned_distilled_{spec.quantize.scheme}"
@@ -222,6 +226,8 @@ def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> D
         exported: Dict[str, str] = {}
         if spec.quantize.export_pt2:
             for name in ("pruned_distilled", "pruned_distilled_bf16"):
+                if name not in variants:
+                    continue
                 exported[name] = quantize.export_pt2(variants[name], example, os.path.join(vdir, name, "model.pt2"))
         # 5. measure
         threads = torch.get_num_threads()
@@ -237,14 +243,14 @@ def run_compression(spec: CompressSpec, *, compiled_reference: bool = True) -> D
                              "flops_per_sample": measure.flops_per_sample(archs[name], example)})
             lat = measure.latencies(variants, {1: {k: v[:1] for k, v in example.items()}, 8: example},
                                     rounds=spec.measure.rounds, iters=spec.measure.iters)
-            close = measure.agreement(variants["pruned_distilled"], variants[final], [example])
+            close = measure.agreement(distilled, variants[final], [example])
         finally:
             torch.set_num_threads(threads)
         for r in rows:
             r.update(lat[r["variant"]])
         metric = spec.gate.metric or task.primary_metric
         report.apply_gate(rows, teacher="teacher_fp32", metric=metric, max_drop=spec.gate.max_drop, mode=task.primary_mode)
-        report.add_speedups(rows, "teacher_fp32", "teacher_bf16")
+        report.add_speedups(rows, "teacher_fp32", "teacher_bf16" if "teacher_bf16" in variants else None)
         candidates = [r["variant"] for r in rows if not r["variant"].startswith("teacher") and r["variant"] != "unstructured_control"]
         alias_variant = report.pick_alias(rows, candidates)
         # 6. report files

@@ -146,7 +146,8 @@ def teacher_for_trials(plan: SweepPlan, ctx: Dict[str, Any]) -> None:
 
 def compress_trial_spec(ctx: Mapping[str, Any], values: Mapping[str, Any], trial_id: str) -> CompressSpec:
     """The trial's CompressSpec: base + sampled values, the sweep's teacher, its own name and folder,
-    tracking nested under the sweep's run, no registry versions, no extra exports. Re-validated here (a sampled float
+    tracking nested under the sweep's run, no registry versions, no extra exports, no reference variants
+    but the bf16 teacher. Re-validated here (a sampled float
     for an int field fails loudly, naming the path)."""
     d = json.loads(json.dumps(ctx["base"]))
     for path, value in plain_values(values).items():
@@ -157,6 +158,7 @@ def compress_trial_spec(ctx: Mapping[str, Any], values: Mapping[str, Any], trial
         d["teacher"] = ctx["teacher_uri"]
     d["registered_model_name"] = None  # trials measure; the best config, re-run, registers
     d["quantize"]["export_pt2"] = False  # nor do they export the fp32/bf16 students (not what they report)
+    d["measure"]["variants"] = ["teacher_bf16"]  # what a trial reports: the final variant, its speedups vs fp32/bf16
     tracking = dict(d.get("tracking") or {})
     tracking.update(ctx["tracking"])
     tracking["tags"] = {**(d.get("tracking") or {}).get("tags", {}), **ctx["tracking"].get("tags", {}), TRIAL_TAG: trial_id}
@@ -190,7 +192,7 @@ def run_compress_trial(config: Dict[str, Any], ctx: Dict[str, Any]) -> None:
     data_ctx.print_on_execution_start = False
     trial_id = ray.tune.get_context().get_trial_id()
     spec = compress_trial_spec(ctx, config["params"], trial_id)
-    out = run_compression(spec, compiled_reference=False)  # what a trial reports needs no fp32-compiled reference
+    out = run_compression(spec)
     ray.tune.report(trial_result(out, spec))
 
 

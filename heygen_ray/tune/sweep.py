@@ -575,13 +575,13 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
     import ray
     from ray import tune
 
+    from heygen_ray import runtime
     from heygen_ray import tracking as t
-    from heygen_ray.runtime import init_ray
 
     t0 = time.perf_counter()
     plan = plan or plan_sweep(spec)  # fails here, before Ray starts, on a bad config or search space
     stage = plan.stage
-    init_ray(spec.ray)
+    runtime.init_ray(spec.ray)
     trial_kwargs, info = stage.check(plan)
     concurrency = concurrency_for(plan, float(ray.cluster_resources().get("CPU", 0.0)))
     os.makedirs(plan.trials_dir, exist_ok=True)
@@ -611,7 +611,7 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> Dict[str,
                                         search_alg=_searcher(plan, concurrency), scheduler=_scheduler(plan)),
             run_config=tune.RunConfig(name=spec.name, storage_path=os.path.join(plan.sweep_dir, "tune"),
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[recorder], verbose=1),
+                                      callbacks=[recorder], verbose=0 if runtime.console_is_quiet() else 1),
         )
         tuner.fit()
         for trial_id in recorder.trials:

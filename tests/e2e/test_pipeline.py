@@ -39,6 +39,11 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     for stage in ("stage", "status", "key metric", "seconds"):
         assert stage in r.stdout  # the summary table
     assert "mlflow ui --backend-store-uri sqlite:" in r.stdout
+    # where to look: the dashboard and the log folder; the workers' logs went there, not to the console
+    # (the quickstart sets ray.log_to_driver: false)
+    assert "Ray:       http://127.0.0.1:" in r.stdout and f"Ray logs:  {res['ray_logs']}" in r.stdout
+    assert os.path.isdir(res["ray_logs"]) and "(RayTrainWorker pid=" not in r.stdout + r.stderr
+    assert "Trial status:" not in r.stdout + r.stderr and "Downloading artifacts" not in r.stdout + r.stderr
 
     # MLflow: one pipeline run, a child per stage, the stages' own runs under their stage's run
     client = MlflowClient(res["tracking_uri"], registry_uri=res["tracking_uri"])

@@ -192,7 +192,10 @@ def test_a_compress_sweep_trains_one_teacher_and_reports_quality_and_latency_per
         # the trial compressed the sweep's one teacher, at its own sampled ratio
         trial = json.load(open(os.path.join(out["sweep_dir"], "trials", f"csw_{row['trial_id']}", "results.json")))
         assert trial["teacher_uri"] == teacher and trial["final_variant"] == "pruned_distilled_int8_dynamic"
+        # a trial measures what it reports: the final variant against the fp32 and bf16 teachers
+        assert [v["variant"] for v in trial["variants"]] == ["teacher_fp32", "teacher_bf16", "pruned_distilled_int8_dynamic"]
         final = next(v for v in trial["variants"] if v["variant"] == "pruned_distilled_int8_dynamic")
+        assert final["speedup_bs1_vs_bf16"] > 0
         assert final["quality"] == row["quality"] and final["p50_ms_bs1"] == row["p50_ms_bs1"]
         assert final["params"] < next(v for v in trial["variants"] if v["variant"] == "teacher_fp32")["params"]
     assert not any(d.endswith("-teacher") for d in os.listdir(os.path.join(out["sweep_dir"], "trials")))  # trained once

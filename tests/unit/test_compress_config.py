@@ -18,6 +18,7 @@ def test_shipped_config_and_smoke_sizes_validate():
     smoke = load_spec(CompressSpec, CFG, SMOKE_OVERRIDES["compress"])
     assert smoke.train.steps < spec.train.steps and smoke.teacher_steps < spec.teacher_steps
     assert smoke.fingerprint() != spec.fingerprint()  # the recipe hash follows the spec
+    assert "pruned_distilled_compiled" in spec.measure.variants  # every reference variant unless told otherwise
 
 
 @pytest.mark.parametrize("override,where", [
@@ -27,6 +28,7 @@ def test_shipped_config_and_smoke_sizes_validate():
     ("quantize.scheme=int4", "quantize.scheme"),
     ("prune.round_to=8.0", "prune.round_to"),  # a float where an int is wanted (a sweep sampler) fails
     ("train.task=language_modeling", "train.task"),
+    ("measure.variants=[teacher_bf16, pruned_distiled]", "measure.variants.1"),
 ])
 def test_bad_values_fail_with_the_dotted_path(override, where):
     with pytest.raises(ConfigError, match=where.replace(".", r"\.")):

@@ -48,3 +48,12 @@ def test_table_and_plot_have_every_variant_and_figure():
         assert " - " not in line  # no missing figure
     svg = report.svg_scatter(rows, "accuracy")
     assert svg.startswith("<svg") and all(r["variant"] in svg for r in rows)
+
+
+def test_without_a_bf16_teacher_the_bf16_speedups_are_missing_not_invented():
+    rows = [r for r in _rows() if r["variant"] != "teacher_bf16"]
+    report.add_speedups(rows, "teacher_fp32", None)
+    final = rows[-1]
+    assert final["speedup_bs1_vs_fp32"] == 10.0 / 3.0 and final["speedup_bs8_vs_fp32"] == 1.0
+    assert final["speedup_bs1_vs_bf16"] is None and final["speedup_bs8_vs_bf16"] is None
+    assert " - " in report.markdown_table(rows, "accuracy")  # shown as missing

@@ -30,7 +30,7 @@ def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
     for name in ("train.video_classifier", "train.text_to_video"):
         s = by[name].spec
         assert s.data.synth.to_dict() == synth and s.run_dir == "/tmp/hr_plan/train" and s.name == name.split(".")[1]
-    assert by["train.video_classifier"].spec.steps == 240  # the entry's override over the stage YAML
+    assert by["train.video_classifier"].spec.steps == 480 and by["train.video_classifier"].spec.data.video.cache  # the entry's override over the stage YAML
     assert by["tune"].spec.train["data"]["synth"] == synth and by["tune"].spec.run_dir == "/tmp/hr_plan/tune"
     c = by["compress"].spec
     assert c.train.data.synth.to_dict() == synth and c.gate.alias == "champion" and c.teacher is None

@@ -115,6 +115,8 @@ def test_the_trial_spec_has_its_own_folder_the_shared_teacher_nested_tracking_an
     assert (spec.distill.temperature, spec.distill.alpha) == (3.0, 0.5)
     assert spec.registered_model_name is None and spec.tracking.registered_model_name is None
     assert p.base["quantize"]["export_pt2"] is True and spec.quantize.export_pt2 is False
+    # of the reference variants, only the bf16 teacher: the trial reports the final variant's speedup over it
+    assert len(p.base["measure"]["variants"]) == 5 and spec.measure.variants == ["teacher_bf16"]
     assert spec.tracking.parent_run_id == "parent123" and spec.tracking.experiment == "sweeps"
     assert spec.tracking.tags[TRIAL_TAG] == "t0001" and spec.tracking.tags["heygen_ray.sweep"] == p.spec.name
     # re-validated on arrival: a float drawn for an int field fails, naming the path
