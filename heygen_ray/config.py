@@ -569,6 +569,8 @@ class StageRefSpec(Spec):
 
     config: str = Field(description="the stage YAML (relative to the working directory)")
     overrides: Dict[str, Any] = Field(default_factory=dict, description="dotted path -> value, applied over the YAML")
+    smoke_overrides: Dict[str, Any] = Field(
+        default_factory=dict, description="with --smoke-test: dotted path -> value, applied after the stage's smoke sizes")
 
 
 class ChampionGateSpec(Spec):

@@ -63,6 +63,9 @@ def _stage_dict(ref: StageRefSpec, where: str, smoke_key: Optional[str], smoke: 
         for text in SMOKE_OVERRIDES[smoke_key]:
             path, value = parse_override(text)
             set_path(d, ".".join(path), value)
+    if smoke:
+        for path, value in ref.smoke_overrides.items():
+            set_path(d, path, value)
     return d
 
 

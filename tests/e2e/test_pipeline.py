@@ -27,13 +27,14 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "runs"
-    common = [f"output_dir={out}", f"data.synth.output_dir={tmp_path}/data", "tune.overrides={search.num_samples: 2}"]
+    common = [f"output_dir={out}", f"data.synth.output_dir={tmp_path}/data"]
     r = run(*common)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     units = [row["stage"] for row in res["summary"]]
     assert units == ["data", "train.video_classifier", "train.text_to_video", "tune", "compress", "serve"]
     assert all(row["status"] == "ran" for row in res["summary"]), res["summary"]
+    assert res["stages"]["tune"]["trials"] == 2  # the quickstart's tune.smoke_overrides over the sweep's smoke sizes
     ledger = json.loads((out / "ledger.json").read_text())["units"]
     assert all(ledger[u]["status"] == "finished" and ledger[u]["key"] for u in units)
     for stage in ("stage", "status", "key metric", "seconds"):

@@ -40,8 +40,13 @@ def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
 
 def test_smoke_sizes_apply_after_the_entry_overrides():
     units = {u.name: u for u in plan_pipeline(_spec("smoke=true"))}
-    assert units["train.video_classifier"].spec.steps == 12  # SMOKE_OVERRIDES["train"], not the entry's 240
+    assert units["train.video_classifier"].spec.steps == 12  # SMOKE_OVERRIDES["train"], not the entry's 480
     assert units["compress"].spec.train.steps == 12 and units["compress"].spec.teacher_steps == 24
+    # the entry's smoke_overrides come last: the sweep's smoke size is 4 trials, the quickstart's tune 2
+    assert units["tune"].spec.search.num_samples == 2
+    assert {u.name: u for u in plan_pipeline(_spec("smoke=true", "tune.smoke_overrides={}"))}["tune"].spec.search.num_samples == 4
+    full = {u.name: u for u in plan_pipeline(_spec("tune.smoke_overrides={search.num_samples: 7}"))}
+    assert full["tune"].spec.search.num_samples == 2  # not without --smoke-test
 
 
 def test_a_bad_stage_config_fails_before_anything_runs_naming_stage_and_field():
