@@ -349,7 +349,19 @@ class VideoDataSpec(Spec):
         default=False, description="decode once and keep the clips in the object store for later epochs "
         "(fast for small sets; with random sampling every epoch then sees the same frames)"
     )
+    cache_eval_max_mb: float = Field(
+        default=1024.0, ge=0.0, description="training's validation split is decoded once and kept in the object "
+        "store when its decoded clips take at most this many MB (it is read whole at every evaluation); 0: stream it")
     seed: int = 0
+
+    def decoded_mb(self, rows: int) -> float:
+        """The size of ``rows`` decoded clips (uint8 T x H x W x 3) in MB."""
+        return rows * self.clip_frames * self.height * self.width * 3 / 2**20
+
+    def cache_split(self, split: str, rows: int) -> bool:
+        """Whether training materialises ``split``: the train split when ``cache`` is on; the
+        validation split also when it is small (``cache_eval_max_mb``)."""
+        return self.cache or (split != "train" and self.decoded_mb(rows) <= self.cache_eval_max_mb)
 
 
 class TextDataSpec(Spec):
@@ -935,10 +947,11 @@ def spec_kind_for(path: Union[str, os.PathLike]) -> Type[Spec]:
 SMOKE_OVERRIDES: Dict[str, List[str]] = {
     "data": ["synth.num_clips=32", "synth.output_dir=data/smoke", "synth.descriptions_per_clip=1"],
     "train": ["steps=12", "checkpoint_every_n_steps=6", "eval_every_n_steps=6", "log_every_n_steps=3",
-              "batch_size=4", "data.synth.num_clips=32", "data.synth.output_dir=data/smoke", "schedule.warmup_steps=2"],
+              "batch_size=4", "data.synth.num_clips=32", "data.synth.output_dir=data/smoke", "schedule.warmup_steps=2",
+              "data.video.cache=true"],  # decoded once: a new decoder pool every 3-step epoch cost more than the steps
     "compress": ["teacher_steps=24", "train.steps=12", "train.checkpoint_every_n_steps=12", "train.eval_every_n_steps=12",
                  "train.log_every_n_steps=4", "train.batch_size=4", "train.schedule.warmup_steps=2",
-                 "train.data.synth.num_clips=48", "train.data.synth.output_dir=data/smoke_compress",
+                 "train.data.synth.num_clips=48", "train.data.synth.output_dir=data/smoke_compress", "train.data.video.cache=true",
                  "quantize.calibration_batches=2", "measure.rounds=2", "measure.iters=3", "run_dir=runs/smoke"],
     "pipeline": ["smoke=true", "data.synth.num_clips=48", "data.synth.output_dir=data/smoke_pipeline",
                  "output_dir=runs/smoke_pipeline", "data.synth.descriptions_per_clip=1", "serve.keep_running=false"],

@@ -139,9 +139,7 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
         task = task_for(tspec)
         # generates the embedded set when configured and absent; only `info` is needed here, so the
         # datasets stay lazy (video.cache would decode the whole training split for nothing)
-        lazy = tspec.to_dict()
-        lazy["data"]["video"]["cache"] = False
-        _, info = prepare_data(TrainSpec.from_dict(lazy), task)
+        _, info = prepare_data(tspec, task, lazy=True)
         eval_batches = held_out_batches(tspec, task, spec.measure.split, spec.measure.max_eval_rows)
         calib_src = held_out_batches(tspec, task, "train", spec.quantize.calibration_batches * 8)
         calib = [task.inputs(b)[0] for b in calib_src][: spec.quantize.calibration_batches]
@@ -184,20 +182,21 @@ def run_compression(spec: CompressSpec) -> Dict[str, Any]:
             variants[name], archs[name] = runnable, arch_model
             arts[name] = weights if os.path.isdir(artifact) else artifact
 
+        def add_bf16(name: str, source: Any) -> None:
+            cast = quantize.to_bf16(source)
+            add(name, cast, save_model_dir(os.path.join(vdir, name), cast.model, model_name=model_name,
+                                           model_overrides=overrides), source)
+
         refs = set(spec.measure.variants)
         add("teacher_fp32", teacher, teacher_dir, teacher)
         if "teacher_bf16" in refs:
-            t_bf16 = quantize.to_bf16(teacher)
-            add("teacher_bf16", t_bf16, save_model_dir(os.path.join(vdir, "teacher_bf16"), t_bf16.model,
-                                                       model_name=model_name, model_overrides=overrides), teacher)
+            add_bf16("teacher_bf16", teacher)
         if "pruned" in refs:
             add("pruned", student, pruned_dir, student)
         if "pruned_distilled" in refs:
             add("pruned_distilled", distilled, distilled_dir, distilled)
         if "pruned_distilled_bf16" in refs:
-            d_bf16 = quantize.to_bf16(distilled)
-            add("pruned_distilled_bf16", d_bf16, save_model_dir(os.path.join(vdir, "pruned_distilled_bf16"), d_bf16.model,
-                                                                model_name=model_name, model_overrides=overrides), distilled)
+            add_bf16("pruned_distilled_bf16", distilled)
         # fp32 through Inductor with freezing: what compilation alone gives (the int8 path's baseline)
         if "pruned_distilled_compiled" in refs:
             add("pruned_distilled_compiled", quantize.compile_frozen(copy.deepcopy(distilled), freezing=True),

@@ -51,8 +51,9 @@ def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 102
     return 2.0 * n**3 * iters / dt
 
 
-def prepare_data(spec: TrainSpec, task: Task) -> Tuple[Dict[str, Any], DataInfo]:
-    """Build the Ray datasets for the task (generating the embedded set if it is configured and absent)."""
+def prepare_data(spec: TrainSpec, task: Task, *, lazy: bool = False) -> Tuple[Dict[str, Any], DataInfo]:
+    """Build the Ray datasets for the task (generating the embedded set if it is configured and absent).
+    ``lazy``: the caller needs only the DataInfo, so no video split is decoded and cached here."""
     data = spec.data
     if data.synth is not None and not fsutil.exists(data.video.manifest or ""):
         from heygen_ray.data.synthetic import generate_dataset
@@ -68,9 +69,10 @@ def prepare_data(spec: TrainSpec, task: Task) -> Tuple[Dict[str, Any], DataInfo]
         info = DataInfo(num_classes=pipe.num_classes, label_names=pipe.label_names, clip_frames=data.video.clip_frames,
                         height=data.video.height, width=data.video.width,
                         train_rows=pipe.rows("train").num_rows, val_rows=pipe.rows("val").num_rows)
-        datasets = {"train": pipe.dataset("train", columns=list(task.columns))}
+        datasets = {"train": pipe.dataset("train", columns=list(task.columns), cache=not lazy and data.video.cache)}
         if info.val_rows:
-            datasets["val"] = pipe.dataset("val", columns=list(task.columns))
+            datasets["val"] = pipe.dataset("val", columns=list(task.columns),
+                                           cache=not lazy and data.video.cache_split("val", info.val_rows))
         return datasets, info
     from heygen_ray.data.text import TextPipeline
 
@@ -92,7 +94,8 @@ def prepare_data(spec: TrainSpec, task: Task) -> Tuple[Dict[str, Any], DataInfo]
             # cache (when asked) after tokenizing, so the decoded clips are held once
             clips = pipe.dataset(split, columns=["video", "caption"], cache=False)
             ds = text.add_caption_tokens(clips, drop_caption=True)
-            datasets[split] = ds.materialize() if data.video.cache else ds
+            rows = info.train_rows if split == "train" else info.val_rows
+            datasets[split] = ds.materialize() if not lazy and data.video.cache_split(split, rows) else ds
         if spec.task == "text_to_video":
             info.mean_clip = mean_clip(datasets["train"])
         return datasets, info

@@ -15,7 +15,7 @@ import logging
 import os
 import resource
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -80,21 +80,26 @@ def _memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, task: Task, info: DataInfo, device: torch.device, amp,
-             first: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[Dict[str, float], Dict[str, Any]]:
-    """Metrics over ``batches``; an empty ``first`` dict receives the first batch (kept for samples)."""
-    model.eval()
-    state = task.new_metrics(info)
+def evaluate(models: Mapping[str, nn.Module], batches, task: Task, info: DataInfo, device: torch.device, amp,
+             first: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Tuple[Dict[str, float], Dict[str, Any]]]:
+    """(metrics, state) of each model over ``batches``, in one pass: the validation set is read (and,
+    when streamed, decoded) once for the raw and the EMA model. An empty ``first`` dict receives the
+    first batch (kept for samples)."""
+    for m in models.values():
+        m.eval()
+    states = {name: task.new_metrics(info) for name in models}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         if first is not None and not first:
             first.update(batch)
         inputs, targets = task.inputs(batch)
-        with amp():
-            out = model(**inputs, **task.forward_kwargs)
-        task.update_metrics(state, out, targets)
-    model.train()
-    return task.compute_metrics(state), state
+        for name, m in models.items():
+            with amp():
+                out = m(**inputs, **task.forward_kwargs)
+            task.update_metrics(states[name], out, targets)
+    for m in models.values():
+        m.train()
+    return {name: (task.compute_metrics(st), st) for name, st in states.items()}
 
 
 def _batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
@@ -313,12 +318,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
         nonlocal last_eval
         if val_shard is None or rank != 0:
             return
-        batches = lambda: val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes))  # noqa: E731
-        raw, state = evaluate(base, batches(), task, info, device, amp, first=media_batch)
-        last_eval = {f"val_{k}": v for k, v in raw.items()}
-        if ema is not None:
-            em, state = evaluate(ema.module, batches(), task, info, device, amp)
-            last_eval.update({f"val_ema_{k}": v for k, v in em.items()})
+        models = {"val": base} if ema is None else {"val": base, "val_ema": ema.module}
+        res = evaluate(models, val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)),
+                       task, info, device, amp, first=media_batch)
+        last_eval = {f"{prefix}_{k}": v for prefix, (metrics, _) in res.items() for k, v in metrics.items()}
+        state = res["val_ema" if ema is not None else "val"][1]
         tracker.log_metrics(last_eval, step)
         for k, v in last_eval.items():
             history.setdefault(k, []).append((step, v))

@@ -117,7 +117,7 @@ def check_compress(plan: SweepPlan) -> Tuple[Dict[str, Any], Any]:
     from heygen_ray.train.loop import task_for
 
     tspec = TrainSpec.from_dict(plan.base["train"])
-    _, info = prepare_data(tspec, task_for(tspec))
+    _, info = prepare_data(tspec, task_for(tspec), lazy=True)
     return {}, info
 
 

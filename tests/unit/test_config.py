@@ -106,3 +106,14 @@ def test_label_names_are_shape_by_direction():
 def test_video_spec_rejects_unknown_sampling():
     with pytest.raises(ConfigError, match="sampling"):
         VideoDataSpec.from_dict({"sampling": "every_other"})
+
+
+def test_training_caches_a_small_validation_split_and_the_train_split_only_when_asked():
+    from heygen_ray.config import VideoDataSpec
+
+    v = VideoDataSpec(clip_frames=8, height=32, width=32)  # 24 KB a clip
+    assert v.decoded_mb(1024) == 24.0
+    assert v.cache_split("val", 1024) and not v.cache_split("train", 1024)
+    assert not v.cache_split("val", 50_000)  # 1.2 GB: streamed at every evaluation
+    assert not VideoDataSpec(cache_eval_max_mb=0).cache_split("val", 1)
+    assert VideoDataSpec(cache=True).cache_split("train", 10**6)

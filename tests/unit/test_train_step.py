@@ -206,3 +206,24 @@ def test_hidden_state_distillation_reads_both_models_features_from_their_own_for
     assert all(p.grad is None for p in teacher.parameters())
     plain = DistillationTask(get_task("video_classification"), teacher, temperature=2.0, alpha=0.5)
     assert plain.loss(out.detach(), targets).item() == pytest.approx(base.item(), rel=1e-6)
+
+
+def test_evaluate_scores_every_model_in_one_pass_over_the_batches():
+    """The raw and the EMA model are scored in one read of the validation set (a streamed set is
+    decoded once per evaluation, not once per model): a one-shot generator gives both the figures
+    that scoring each alone over a fresh copy of the batches gives."""
+    from heygen_ray.train.loop import evaluate
+
+    task = get_task("video_classification")
+    info = DataInfo(num_classes=16)
+    torch.manual_seed(0)
+    a, b = create_model("conv_video_encoder_micro"), create_model("conv_video_encoder_micro")
+    batches = [video_batch(4, seed=s) for s in range(3)]
+    first = {}
+    both = evaluate({"val": a, "val_ema": b}, (x for x in batches), task, info, torch.device("cpu"), NOAMP, first=first)
+    for name, model in (("val", a), ("val_ema", b)):
+        alone = evaluate({name: model}, iter(batches), task, info, torch.device("cpu"), NOAMP)[name][0]
+        assert both[name][0] == pytest.approx(alone) and both[name][0]["samples"] == 12
+    assert both["val"][0] != both["val_ema"][0]  # two models, two sets of figures
+    torch.testing.assert_close(first["video"], batches[0]["video"])
+    assert a.training and b.training  # back in training mode
