@@ -140,9 +140,7 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
 
         check = json.loads(json.dumps(d))  # the models come from the stages: validate the rest now
         for ep in SERVE_ENDPOINTS:
-            section = check.setdefault(ep, {}) or {}
-            check[ep] = section
-            section["model"] = f"models:/{ep}@{spec.champion_alias}" if getattr(ref, ep) else None
+            _endpoint_section(check, ep)["model"] = f"models:/{ep}@{spec.champion_alias}" if getattr(ref, ep) else None
         _validated(ServeSpec, check, "serve", ref)
         units.append(Unit("serve", "serve", d, sorted(set(deps)), os.path.join(out_dir, "serve")))
     return units
@@ -289,12 +287,11 @@ class _Poller:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tracking(base: Dict[str, Any], uri: Optional[str], parent: Optional[str], enabled: bool, **extra: Any) -> Dict[str, Any]:
-    """A stage's tracking section: the pipeline's store and experiment, nested under the stage's run
-    (MLflow shows a child run under its parent only within one experiment)."""
-    t = dict(base or {})
-    t.update(enabled=enabled and t.get("enabled", True), tracking_uri=uri, parent_run_id=parent, **extra)
-    return t
+def _endpoint_section(d: Dict[str, Any], endpoint: str) -> Dict[str, Any]:
+    """The serve config's section of ``endpoint`` (created when absent or null), to fill in place."""
+    section = d.get(endpoint) or {}
+    d[endpoint] = section
+    return section
 
 
 def _set_champion(name: Optional[str], version: Optional[str], alias: str, uri: Optional[str]) -> bool:
@@ -406,6 +403,15 @@ class PipelineRun:
         self.on_event(unit.name, "finished", {"seconds": seconds, "metric": metric})
         return {"stage": unit.name, "status": "resumed" if resume else "ran", "key": key, "metric": metric, "seconds": seconds}
 
+    def _stage_tracking(self, base: Optional[Dict[str, Any]], parent: Optional[str]) -> Dict[str, Any]:
+        """A stage's tracking section: the pipeline's store and experiment, nested under ``parent``
+        (MLflow shows a child run under its parent only within one experiment); off when the pipeline's is."""
+        t = dict(base or {})
+        on = bool(self.tracking_uri)
+        t.update(enabled=on and t.get("enabled", True), tracking_uri=self.tracking_uri, parent_run_id=parent if on else None,
+                 experiment=self.spec.tracking.experiment)
+        return t
+
     def _manifest_path(self) -> Optional[str]:
         d = self.spec.data
         if d.video.manifest:
@@ -435,8 +441,7 @@ class PipelineRun:
         d = unit.spec.to_dict()
         # a resumed training continues its run where it was nested (its params include the parent)
         parent = (resume or {}).get("mlflow_parent_run_id") or (stage_run.run_id if self.tracking_uri else None)
-        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, parent, bool(self.tracking_uri),
-                                  experiment=self.spec.tracking.experiment)
+        d["tracking"] = self._stage_tracking(d.get("tracking"), parent)
         spec = TrainSpec.from_dict(d, source=unit.name)
         # the training's MLflow run is opened here and kept in the ledger, so a resubmission after a
         # crash continues the same run (run_training reopens it) as it continues the checkpoints
@@ -467,8 +472,7 @@ class PipelineRun:
         from heygen_ray.tune.sweep import run_sweep
 
         d = unit.spec.to_dict()
-        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
-                                  bool(self.tracking_uri), experiment=self.spec.tracking.experiment)
+        d["tracking"] = self._stage_tracking(d.get("tracking"), stage_run.run_id)
         res = run_sweep(SweepSpec.from_dict(d, source="tune"))
         champion = _set_champion(res.get("registered_model_name"), res.get("model_version"), self.spec.champion_alias,
                                  self.tracking_uri)
@@ -491,8 +495,7 @@ class PipelineRun:
             raise RuntimeError(f"compress: the teacher {unit.deps[0]} left no registered model or checkpoint")
         d = unit.spec.to_dict()
         d["teacher"] = uri
-        d["tracking"] = _tracking(d.get("tracking"), self.tracking_uri, stage_run.run_id if self.tracking_uri else None,
-                                  bool(self.tracking_uri), experiment=self.spec.tracking.experiment)
+        d["tracking"] = self._stage_tracking(d.get("tracking"), stage_run.run_id)
         res = run_compression(CompressSpec.from_dict(d, source="compress"))
         rows = {r["variant"]: r for r in res["variants"]}
         final = rows[res["final_variant"]]
@@ -521,8 +524,7 @@ class PipelineRun:
         served: Dict[str, Any] = {}
         for ep in SERVE_ENDPOINTS:
             src = getattr(ref, ep)
-            section = d.setdefault(ep, {}) or {}
-            d[ep] = section
+            section = _endpoint_section(d, ep)
             if src is None:
                 section["model"] = None
                 continue

@@ -69,10 +69,9 @@ def prepare_data(spec: TrainSpec, task: Task, *, lazy: bool = False) -> Tuple[Di
         info = DataInfo(num_classes=pipe.num_classes, label_names=pipe.label_names, clip_frames=data.video.clip_frames,
                         height=data.video.height, width=data.video.width,
                         train_rows=pipe.rows("train").num_rows, val_rows=pipe.rows("val").num_rows)
-        datasets = {"train": pipe.dataset("train", columns=list(task.columns), cache=not lazy and data.video.cache)}
-        if info.val_rows:
-            datasets["val"] = pipe.dataset("val", columns=list(task.columns),
-                                           cache=not lazy and data.video.cache_split("val", info.val_rows))
+        rows = {"train": info.train_rows, "val": info.val_rows}
+        datasets = {split: pipe.dataset(split, columns=list(task.columns), cache=not lazy and data.video.cache_split(split, n))
+                    for split, n in rows.items() if split == "train" or n}
         return datasets, info
     from heygen_ray.data.text import TextPipeline
 
