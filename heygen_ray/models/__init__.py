@@ -12,7 +12,7 @@ Inputs are keyword tensors named as in a batch dict; `model.input_names` lists t
 takes (required first) and `model_inputs(model, batch)` picks them out of a larger batch:
 
     video             float (B, C, T, H, W) in [-1, 1]   video classifiers/encoders
-    image             float (B, C, H, W)                 vit_*, swin_* image presets
+    image             float (B, C, H, W)                 vit_*, swin_*, cnn_* image presets
     frame_features    float (B, T, D_in)                 temporal_transformer_*
     input_ids         int64 (B, L)                       text_decoder_*, text_processor_*
     attention_mask    bool  (B, L), True = real token    mask of the text sequence (input_ids or
@@ -24,7 +24,7 @@ takes (required first) and `model_inputs(model, batch)` picks them out of a larg
 
 Outputs of `forward` are one tensor:
 
-    classifiers (vit, swin, *_video_*, conv_video_encoder, video_transformer, temporal_transformer)
+    classifiers (vit, swin, cnn, *_video_*, conv_video_encoder, video_transformer, temporal_transformer)
                                    logits (B, num_classes)
     text_decoder_*                 next-token logits (B, L, vocab_size)
     text_processor_*, multimodal_fusion_*   (B, num_classes), i.e. the pooled (B, D) embedding
@@ -54,8 +54,9 @@ from typing import Any, Dict, List, Mapping
 
 from torch import nn
 
-from heygen_ray.models import composite, fusion, generator, swin, temporal, text, video, vit  # noqa: F401  (registers presets)
+from heygen_ray.models import cnn, composite, fusion, generator, swin, temporal, text, video, vit  # noqa: F401  (registers presets)
 from heygen_ray.models.base import ModelBase, UnknownArgumentError
+from heygen_ray.models.cnn import ConvNet
 from heygen_ray.models.fusion import MultimodalFusion, MultimodalFusionModule
 from heygen_ray.models.generator import VideoGenerator
 from heygen_ray.models.layers import AttentionMechanism, FeedForwardNetwork, MultiHeadCrossAttention, TransformerBlock
@@ -103,6 +104,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> Dict[str, Any]:
 
 __all__ = [
     "AttentionMechanism",
+    "ConvNet",
     "ConvVideoEncoder",
     "FeedForwardNetwork",
     "FrameVideoClassifier",

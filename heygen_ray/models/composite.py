@@ -5,8 +5,11 @@ training, EMA, checkpoints and logging treat them like any other model).
 The fusion lets caption tokens attend to a small set of learned "video prior" tokens before they
 condition the generator (by cross-attention and, by default, FiLM modulation of every generator block
 from the pooled caption). forward(input_ids, attention_mask) -> video (B, C, T, H, W) in [-1, 1].
+With ``generator_type="conv"`` (``text_to_video_conv_micro``) the caption becomes one embedding (a
+projection of the pooled text tower, as a matcher has) that conditions a ConvVideoGenerator.
 
-`VideoTextMatching`: VideoTransformerEncoder + TextProcessor, each projected to a shared unit-norm
+`VideoTextMatching`: VideoTransformerEncoder (or any registered video classifier, ``video_model``) +
+TextProcessor, each projected to a shared unit-norm
 embedding for contrastive retrieval, and MultimodalFusion (caption tokens cross-attending to video
 tokens) with a one-logit match head that scores a (caption, clip) pair.
 """
@@ -20,12 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heygen_ray.models.base import ModelBase, build, masked_mean, random_token_inputs, random_video
+from heygen_ray.models.base import ModelBase, build, masked_mean, random_token_inputs
 from heygen_ray.models.fusion import MultimodalFusion
-from heygen_ray.models.generator import VideoGenerator
+from heygen_ray.models.generator import ConvVideoGenerator, VideoGenerator
 from heygen_ray.models.text import TextProcessor
 from heygen_ray.models.video import VideoTransformerEncoder
 from heygen_ray.registry import MODELS
+
+
+def projection_head(in_features: int, out_features: int, kind: str = "linear") -> nn.Module:
+    """Linear, or Linear -> ReLU -> Linear with a hidden width of 2 x out_features."""
+    if kind == "linear":
+        return nn.Linear(in_features, out_features)
+    return nn.Sequential(nn.Linear(in_features, 2 * out_features), nn.ReLU(), nn.Linear(2 * out_features, out_features))
 
 
 class TextToVideo(ModelBase):
@@ -52,31 +62,59 @@ class TextToVideo(ModelBase):
         tubelet_size: int = 2,
         dropout_rate: float = 0.0,
         caption_modulation: bool = True,
+        generator_type: str = "transformer",
+        generator_channels: tuple = (48, 32, 16),
+        text_projection: Optional[str] = None,
+        embedding_dimensions: int = 128,
     ) -> None:
         super().__init__()
+        if generator_type not in ("transformer", "conv"):
+            raise ValueError(f"generator_type must be 'transformer' or 'conv', got {generator_type!r}")
+        if generator_type == "transformer" and (fusion_layers == 0 or text_projection is not None):
+            raise ValueError("the transformer generator cross-attends to fused caption tokens: fusion_layers >= 1, "
+                             "text_projection=None")
         self.max_sequence_length = max_sequence_length
         self.text = TextProcessor(vocab_size=vocab_size, hidden_dimensions=text_dimensions, num_layers=text_layers,
                                   num_attention_heads=num_attention_heads, max_sequence_length=max_sequence_length,
                                   dropout_rate=dropout_rate)
-        self.video_prior = nn.Parameter(torch.randn(1, video_prior_tokens, fusion_dimensions) * 0.02)
-        self.fusion = MultimodalFusion(text_dimensions=text_dimensions, video_dimensions=fusion_dimensions,
-                                       hidden_dimensions=fusion_dimensions, num_layers=fusion_layers,
-                                       fusion_type=fusion_type, num_attention_heads=num_attention_heads,
-                                       dropout_rate=dropout_rate)
-        self.generator = VideoGenerator(input_dimensions=fusion_dimensions, hidden_dimensions=generator_dimensions,
-                                        num_layers=generator_layers, num_attention_heads=num_attention_heads,
-                                        video_channels=video_channels, video_height=video_height,
-                                        video_width=video_width, max_frames=max_frames, patch_size=patch_size,
-                                        tubelet_size=tubelet_size, dropout_rate=dropout_rate,
-                                        caption_modulation=caption_modulation)
+        # the caption as one unit vector (a matcher's text tower and projection, when warm-started from
+        # one: a caption embedding that already separates colour, shape, motion and place)
+        self.text_embed = projection_head(text_dimensions, embedding_dimensions, text_projection) if text_projection else None
+        self.fusion: Optional[MultimodalFusion] = None
+        if fusion_layers > 0:
+            self.video_prior = nn.Parameter(torch.randn(1, video_prior_tokens, fusion_dimensions) * 0.02)
+            self.fusion = MultimodalFusion(text_dimensions=text_dimensions, video_dimensions=fusion_dimensions,
+                                           hidden_dimensions=fusion_dimensions, num_layers=fusion_layers,
+                                           fusion_type=fusion_type, num_attention_heads=num_attention_heads,
+                                           dropout_rate=dropout_rate)
+        condition = embedding_dimensions if self.text_embed is not None else (
+            fusion_dimensions if self.fusion is not None else text_dimensions)
+        if generator_type == "conv":
+            self.generator: ModelBase = ConvVideoGenerator(
+                input_dimensions=condition, stage_channels=tuple(generator_channels), video_channels=video_channels,
+                video_height=video_height, video_width=video_width, max_frames=max_frames)
+        else:
+            self.generator = VideoGenerator(input_dimensions=condition, hidden_dimensions=generator_dimensions,
+                                            num_layers=generator_layers, num_attention_heads=num_attention_heads,
+                                            video_channels=video_channels, video_height=video_height,
+                                            video_width=video_width, max_frames=max_frames, patch_size=patch_size,
+                                            tubelet_size=tubelet_size, dropout_rate=dropout_rate,
+                                            caption_modulation=caption_modulation)
         # No `self.head` alias of generator.head: a module registered under two names breaks
         # torch.func.functional_call (used for the FLOP count), which then restores only one of them.
-        self.num_classes, self.num_features = video_channels, generator_dimensions
+        self.num_classes, self.num_features = video_channels, self.generator.num_features
 
     def condition(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, Df) fused caption tokens, or with a text projection the caption's unit embedding
+        scaled to unit variance per dimension (B, E)."""
         tokens = self.text.forward_features(input_ids, attention_mask)  # (B, L, Dt)
-        prior = self.video_prior.expand(input_ids.shape[0], -1, -1)  # (B, P, Df)
-        return self.fusion.forward_features(tokens, prior, attention_mask)  # (B, L, Df)
+        if self.fusion is not None:
+            prior = self.video_prior.expand(input_ids.shape[0], -1, -1)  # (B, P, Df)
+            tokens = self.fusion.forward_features(tokens, prior, attention_mask)  # (B, L, Df)
+        if self.text_embed is None:
+            return tokens
+        e = F.normalize(self.text_embed(masked_mean(tokens, attention_mask)), dim=-1)  # (B, E)
+        return e * math.sqrt(e.shape[-1])
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.generator.forward_features(self.condition(input_ids, attention_mask), attention_mask)
@@ -103,6 +141,14 @@ class TextToVideo(ModelBase):
 def text_to_video_micro(**overrides: Any) -> TextToVideo:
     """Tiny text-to-video chain for 8 x 32 x 32 clips: text 64 x 2, fusion 64 x 1, generator 96 x 3."""
     return build(TextToVideo, overrides)
+
+
+@MODELS.register("text_to_video_conv_micro")
+def text_to_video_conv_micro(**overrides: Any) -> TextToVideo:
+    """Text 64 x 2 -> MLP projection to a 128-d caption embedding -> ConvVideoGenerator (48-32-16) for
+    8 x 32 x 32 clips. The text tower and projection have the names and shapes of
+    `video_text_matching_cnn_micro`'s, so model.init_from can start them from a trained matcher."""
+    return build(TextToVideo, overrides, fusion_layers=0, generator_type="conv", text_projection="mlp")
 
 
 @MODELS.register("text_to_video_base")
@@ -166,19 +212,33 @@ class VideoTextMatching(ModelBase):
         in_channels: int = 3,
         temperature: float = 0.07,
         dropout_rate: float = 0.0,
+        video_model: Optional[str] = None,
+        video_overrides: Optional[Dict[str, Any]] = None,
+        projection: str = "linear",
     ) -> None:
         super().__init__()
+        if projection not in ("linear", "mlp"):
+            raise ValueError(f"projection must be 'linear' or 'mlp', got {projection!r}")
         self.max_sequence_length = max_sequence_length
-        self.video = VideoTransformerEncoder(num_frames=num_frames, image_size=image_size, in_channels=in_channels,
-                                             patch_size=patch_size, tubelet_size=tubelet_size,
-                                             embedding_dimensions=video_dimensions, num_layers=video_layers,
-                                             num_attention_heads=num_attention_heads, dropout_rate=dropout_rate,
-                                             num_classes=0)
+        if video_model is None:  # the built-in tower: a video transformer over tubelets
+            self.video = VideoTransformerEncoder(num_frames=num_frames, image_size=image_size, in_channels=in_channels,
+                                                 patch_size=patch_size, tubelet_size=tubelet_size,
+                                                 embedding_dimensions=video_dimensions, num_layers=video_layers,
+                                                 num_attention_heads=num_attention_heads, dropout_rate=dropout_rate,
+                                                 num_classes=0)
+        else:  # any registered video classifier as the tower (its tokens: forward_features, (B, N, D))
+            from heygen_ray.models import create_model
+
+            self.video = create_model(video_model, **{"num_frames": num_frames, "image_size": image_size,
+                                                      **(video_overrides or {}), "num_classes": 0})
+        video_dimensions = self.video.num_features
         self.text = TextProcessor(vocab_size=vocab_size, hidden_dimensions=text_dimensions, num_layers=text_layers,
                                   num_attention_heads=num_attention_heads, max_sequence_length=max_sequence_length,
                                   dropout_rate=dropout_rate)
-        self.video_embed = nn.Linear(video_dimensions, embedding_dimensions)
-        self.text_embed = nn.Linear(text_dimensions, embedding_dimensions)
+        # a nonlinear projection (SimCLR's) lets the shared space combine features non-additively, e.g.
+        # where a clip starts from its mean position, direction and speed
+        self.video_embed = projection_head(video_dimensions, embedding_dimensions, projection)
+        self.text_embed = projection_head(text_dimensions, embedding_dimensions, projection)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))  # CLIP's learned temperature
         self.fusion = MultimodalFusion(text_dimensions=text_dimensions, video_dimensions=video_dimensions,
                                        hidden_dimensions=fusion_dimensions, num_layers=fusion_layers,
@@ -194,7 +254,7 @@ class VideoTextMatching(ModelBase):
         """-> video tokens (B, N, Dv), text tokens (B, L, Dt), unit embeddings (B, E) x 2."""
         v_tokens = self.video.forward_features(video)
         t_tokens = self.text.forward_features(input_ids, attention_mask)
-        v = F.normalize(self.video_embed(v_tokens.mean(dim=1)), dim=-1)
+        v = F.normalize(self.video_embed(self.video.forward_head(v_tokens, pre_logits=True)), dim=-1)
         t = F.normalize(self.text_embed(masked_mean(t_tokens, attention_mask)), dim=-1)
         return v_tokens, t_tokens, v, t
 
@@ -251,8 +311,7 @@ class VideoTextMatching(ModelBase):
 
     def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
         tokens = random_token_inputs(batch_size, min(16, self.max_sequence_length), self.text.vocab_size, self._device())
-        shape = (batch_size, self.video.in_channels, self.video.num_frames, self.video.image_size, self.video.image_size)
-        return {"video": random_video(shape, self._device()), **tokens}
+        return {"video": self.video.example_inputs(batch_size)["video"], **tokens}
 
 
 @MODELS.register("video_text_matching_micro")
@@ -260,6 +319,16 @@ def video_text_matching_micro(**overrides: Any) -> VideoTextMatching:
     """Tiny matcher for 8 x 32 x 32 clips: video transformer 64 x 2 (tubelet 2 x 8 x 8), text 64 x 2,
     cross-attention fusion 64 x 1, 64-d shared embedding."""
     return build(VideoTextMatching, overrides)
+
+
+@MODELS.register("video_text_matching_cnn_micro")
+def video_text_matching_cnn_micro(**overrides: Any) -> VideoTextMatching:
+    """Matcher for 8 x 32 x 32 clips with the frame-difference CNN as video tower (`cnn_video_micro`,
+    plus 64 position features: captions say where a clip starts), text 64 x 2, MLP projections to a
+    128-d shared embedding. Warm-start its tower from a trained `cnn_video_micro` classifier
+    (model.init_from with target_prefix "video.")."""
+    return build(VideoTextMatching, overrides, video_model="cnn_video_micro", video_overrides={"position_features": 64},
+                 projection="mlp", embedding_dimensions=128)
 
 
 @MODELS.register("video_text_matching_base")

@@ -251,9 +251,11 @@ class TransformerBlock(nn.Module):
         )
         if use_cross_attention:
             self.norm_cross = nn.LayerNorm(d, eps=norm_eps)
+            # the relative bias of cross-attention aligns query i with key i + (M - L) (see
+            # relative_position_index): meaningful when the context is a sequence in step with x
             self.cross_attn = MultiHeadCrossAttention(
-                d, num_attention_heads, dropout_rate, is_cross_attention=True,
-                context_dimensions=context_dimensions or d, qkv_bias=qkv_bias,
+                d, num_attention_heads, dropout_rate, use_relative_position, max_relative_position,
+                is_cross_attention=True, context_dimensions=context_dimensions or d, qkv_bias=qkv_bias,
             )
         self.norm2 = nn.LayerNorm(d, eps=norm_eps)
         self.mlp = FeedForwardNetwork(

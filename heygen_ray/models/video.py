@@ -2,8 +2,9 @@
 
 - VideoTransformerEncoder: tubelet patches (ViViT-style joint space-time attention).
 - ConvVideoEncoder: residual 3D-convolution network (R3D-style) with a classification head.
-- FrameVideoClassifier: any image backbone (ViT, Swin) applied per frame, features pooled over
-  time by a mean or a TemporalTransformer.
+- FrameVideoClassifier: any image backbone (ViT, Swin, CNN) applied per frame, features pooled over
+  time by a mean or a TemporalTransformer; with ``frame_difference`` each frame comes with its
+  difference from the previous one, so even a mean over time sees motion (``cnn_video_*``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from heygen_ray.models.base import ModelBase, build, init_weights, new_linear_head, random_video
+from heygen_ray.models.cnn import cnn_base, cnn_micro, frame_differences
 from heygen_ray.models.layers import TransformerBlock, drop_path_rates
 from heygen_ray.models.swin import swin_micro, swin_t
 from heygen_ray.models.temporal import TemporalTransformer
@@ -116,20 +118,29 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(max(1, min(32, channels // 8)), channels)
 
 
+def norm3d(kind: str, channels: int) -> nn.Module:
+    """``group`` (batch-size independent) or ``batch`` normalisation of a 3D feature map."""
+    if kind == "group":
+        return group_norm(channels)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"norm must be 'group' or 'batch', got {kind!r}")
+
+
 class ResidualBlock3d(nn.Module):
     """Two 3x3x3 convolutions with a residual connection (1x1x1 projection when the shape changes)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm: str = "group") -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = group_norm(out_channels)
+        self.norm1 = norm3d(norm, out_channels)
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm3d(norm, out_channels)
         self.act = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), group_norm(out_channels)
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), norm3d(norm, out_channels)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, T, H, W) -> (B, Cout, T/s, H/s, W/s)
@@ -141,8 +152,10 @@ class ConvVideoEncoder(ModelBase):
     """Residual 3D CNN (R3D-18 layout at base size) with global pooling and a linear head.
 
     Stem: Conv3d (3, 7, 7) stride (1, 2, 2); stages of residual blocks, each after the first
-    halving T, H and W. GroupNorm instead of BatchNorm: CPU workers train with small per-worker
-    batches, and checkpointed recomputation would update BatchNorm running statistics twice.
+    halving T, H and W. ``norm``: GroupNorm (batch-size independent; the base preset) or BatchNorm
+    (the micro preset: on the embedded set's small objects GroupNorm left the network at chance for
+    hundreds of steps where BatchNorm learned; with gradient checkpointing its running statistics
+    are updated twice per step).
     Input: `video` (B, C, T, H, W). forward_features -> (B, C', T', H', W'); forward -> (B, num_classes).
     """
 
@@ -157,6 +170,7 @@ class ConvVideoEncoder(ModelBase):
         dropout_rate: float = 0.0,
         num_frames: int = 16,
         image_size: int = 112,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         if len(stage_channels) != len(blocks_per_stage):
@@ -166,13 +180,13 @@ class ConvVideoEncoder(ModelBase):
         c0 = stage_channels[0]
         self.stem = nn.Sequential(
             nn.Conv3d(in_channels, c0, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
-            group_norm(c0),
+            norm3d(norm, c0),
             nn.ReLU(inplace=True),
         )
         blocks, c_in = [], c0
         for i, (c, n) in enumerate(zip(stage_channels, blocks_per_stage)):
             for j in range(n):
-                blocks.append(ResidualBlock3d(c_in, c, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(ResidualBlock3d(c_in, c, stride=2 if (i > 0 and j == 0) else 1, norm=norm))
                 c_in = c
         self.blocks = nn.ModuleList(blocks)
         self.drop = nn.Dropout(dropout_rate)
@@ -203,8 +217,13 @@ class FrameVideoClassifier(ModelBase):
     (B, T, D) -> mean over time (temporal_pooling="mean") or a TemporalTransformer
     ("transformer", bidirectional unless temporal_causal) -> linear head.
 
+    With ``frame_difference`` the backbone sees, for each frame from the second on, the frame and its
+    difference from the one before (2C input channels, T-1 steps): a mean over time of per-frame
+    features cannot tell left from right, the differences can.
+
     Input: `video` (B, C, T, H, W). forward_features -> (B, T, D) per-frame (or temporally mixed)
-    features; forward -> (B, num_classes). The backbone's own head is reset to identity.
+    features (T-1 steps with frame_difference); forward -> (B, num_classes). The backbone's own head
+    is reset to identity.
     """
 
     input_names = ("video",)
@@ -219,25 +238,30 @@ class FrameVideoClassifier(ModelBase):
         temporal_num_attention_heads: Optional[int] = None,
         temporal_causal: bool = False,
         dropout_rate: float = 0.0,
+        frame_difference: bool = False,
     ) -> None:
         super().__init__()
         if temporal_pooling not in ("mean", "transformer"):
             raise ValueError(f"temporal_pooling must be 'mean' or 'transformer', got {temporal_pooling!r}")
         backbone.reset_classifier(0)
         self.backbone = backbone
+        self.frame_difference = frame_difference
         self.num_frames, self.num_classes = num_frames, num_classes
+        steps = num_frames - 1 if frame_difference else num_frames  # per-frame feature vectors
         self.num_features = d = backbone.num_features
         self.temporal: Optional[TemporalTransformer] = None
         if temporal_pooling == "transformer":
             heads = temporal_num_attention_heads or max(1, d // 64)
             self.temporal = TemporalTransformer(
                 input_dimensions=d, hidden_dimensions=d, num_layers=temporal_num_layers, num_attention_heads=heads,
-                max_frames=num_frames, dropout_rate=dropout_rate, causal=temporal_causal, num_classes=0,
+                max_frames=steps, dropout_rate=dropout_rate, causal=temporal_causal, num_classes=0,
             )
         self.drop = nn.Dropout(dropout_rate)
         self.head = new_linear_head(d, num_classes, like=self)
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        if self.frame_difference:
+            video = frame_differences(video)  # (B, 2C, T-1, H, W)
         b, c, t, h, w = video.shape
         frames = video.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
         x = self.backbone.forward_head(self.backbone.forward_features(frames), pre_logits=True)  # (B*T, D)
@@ -256,20 +280,25 @@ class FrameVideoClassifier(ModelBase):
 
     def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
         image = self.backbone.example_inputs(1)["image"]
-        shape = (batch_size, image.shape[1], self.num_frames, image.shape[2], image.shape[3])
+        channels = image.shape[1] // 2 if self.frame_difference else image.shape[1]
+        shape = (batch_size, channels, self.num_frames, image.shape[2], image.shape[3])
         return {"video": random_video(shape, self._device())}
 
 
 _FRAME_ARGS = ("num_frames", "num_classes", "temporal_pooling", "temporal_num_layers",
-               "temporal_num_attention_heads", "temporal_causal", "dropout_rate")
+               "temporal_num_attention_heads", "temporal_causal", "dropout_rate", "frame_difference")
 
 
 def _frame_classifier(backbone_builder: Any, overrides: Dict[str, Any], **defaults: Any) -> FrameVideoClassifier:
-    """Split overrides: FrameVideoClassifier's own arguments vs. the backbone's (image_size, ...)."""
+    """Split overrides: FrameVideoClassifier's own arguments vs. the backbone's (image_size, ...).
+    With frame_difference the backbone takes twice the video's channels (``in_channels`` names the
+    video's)."""
     own = {k: v for k, v in overrides.items() if k in _FRAME_ARGS}
     backbone_args = {k: v for k, v in overrides.items() if k not in _FRAME_ARGS}
     if "dropout_rate" in own:
         backbone_args["dropout_rate"] = own["dropout_rate"]
+    if own.get("frame_difference", defaults.get("frame_difference", False)):
+        backbone_args["in_channels"] = 2 * backbone_args.get("in_channels", 3)
     backbone = backbone_builder(num_classes=0, **backbone_args)
     return build(FrameVideoClassifier, own, backbone=backbone, **defaults)
 
@@ -300,9 +329,9 @@ def conv_video_encoder_base(**overrides: Any) -> ConvVideoEncoder:
 
 @MODELS.register("conv_video_encoder_micro")
 def conv_video_encoder_micro(**overrides: Any) -> ConvVideoEncoder:
-    """Tiny 3D CNN: 16-32-64 channels, one block per stage, 8 x 32 x 32 clips, 16 classes."""
+    """Tiny 3D CNN: 16-32-64 channels, one block per stage, BatchNorm, 8 x 32 x 32 clips, 16 classes."""
     return build(ConvVideoEncoder, overrides, stage_channels=(16, 32, 64), blocks_per_stage=(1, 1, 1),
-                 num_classes=16, num_frames=8, image_size=32)
+                 num_classes=16, num_frames=8, image_size=32, norm="batch")
 
 
 @MODELS.register("vit_video_base")
@@ -328,3 +357,16 @@ def swin_video_base(**overrides: Any) -> FrameVideoClassifier:
 def swin_video_micro(**overrides: Any) -> FrameVideoClassifier:
     """`swin_micro` per frame, 8 x 32 x 32, mean over time, 16 classes."""
     return _frame_classifier(swin_micro, overrides, num_frames=8, num_classes=16)
+
+
+@MODELS.register("cnn_video_micro")
+def cnn_video_micro(**overrides: Any) -> FrameVideoClassifier:
+    """`cnn_micro` per frame on frames + frame differences (TSN-style), 8 x 32 x 32, mean over time,
+    16 classes. Measured on the embedded set (one process, batch 16): 99.8% top-1 after 400 steps."""
+    return _frame_classifier(cnn_micro, overrides, num_frames=8, num_classes=16, frame_difference=True)
+
+
+@MODELS.register("cnn_video_base")
+def cnn_video_base(**overrides: Any) -> FrameVideoClassifier:
+    """`cnn_base` per frame on frames + frame differences, 8 x 224 x 224, mean over time, 400 classes."""
+    return _frame_classifier(cnn_base, overrides, num_frames=8, num_classes=400, frame_difference=True)

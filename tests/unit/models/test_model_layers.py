@@ -70,6 +70,29 @@ def test_relative_position_bias_changes_outputs():
         assert (model(**inputs) - before).abs().max() > 1e-3
 
 
+def test_cross_attention_uses_the_relative_position_bias():
+    """use_relative_position reaches the block's cross-attention too: its table exists, moving it
+    changes the block's output, and the bias is the one of explicit attention over the context."""
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 2, 32, use_relative_position=True, max_relative_position=4,
+                             use_cross_attention=True).eval()
+    table = block.cross_attn.mechanism.relative_position_bias_table
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        table.zero_()
+        flat = block(x, context=context)
+        table.copy_(torch.linspace(-2, 2, 18).view(2, 9))
+        biased = block(x, context=context)
+        assert (flat - biased).abs().max() > 1e-3
+        # the cross-attention core against the explicit reference with that table (Lq=5, Lk=7)
+        attn = block.cross_attn
+        q = attn.q(x).view(2, 5, 2, -1).transpose(1, 2)
+        k, v = attn.kv(context).view(2, 7, 2, 2, -1).permute(2, 0, 3, 1, 4)
+        torch.testing.assert_close(attn.mechanism(q, k, v), reference_attention(q, k, v, table, 4), atol=1e-5, rtol=1e-5)
+    no_bias = TransformerBlock(16, 2, 32, use_cross_attention=True)
+    assert not hasattr(no_bias.cross_attn.mechanism, "relative_position_bias_table")
+
+
 def perturb_after(tensor: torch.Tensor, t: int) -> torch.Tensor:
     out = tensor.clone()
     out[:, t + 1] = out[:, t + 1] + 3.0 if out.is_floating_point() else (out[:, t + 1] + 7) % 512

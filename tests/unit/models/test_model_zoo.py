@@ -23,6 +23,9 @@ VARIANTS = [
     ("multimodal_fusion_micro", {"fusion_type": "gated"}),
     ("video_generator_micro", {"caption_modulation": True}),
     ("text_to_video_micro", {"caption_modulation": False}),
+    ("cnn_micro", {"position_features": 8}),
+    ("cnn_video_micro", {"position_features": 16, "temporal_pooling": "transformer"}),
+    ("video_text_matching_cnn_micro", {"projection": "linear"}),
 ]
 CASES = [(n, {}) for n in MICRO] + VARIANTS
 IDS = [n + "".join(f"-{v}" for v in o.values()) for n, o in CASES]
@@ -41,9 +44,14 @@ EXPECTED_OUTPUT = {
     "video_generator_micro": (2, 3, 8, 32, 32),
     "text_to_video_micro": (2, 3, 8, 32, 32),
     "video_text_matching_micro": (2, 2),
+    "cnn_micro": (2, 16),
+    "cnn_video_micro": (2, 16),
+    "video_text_matching_cnn_micro": (2, 2),
+    "conv_video_generator_micro": (2, 3, 8, 32, 32),
+    "text_to_video_conv_micro": (2, 3, 8, 32, 32),
 }
 
-FIXED_HEADS = {"video_text_matching_micro"}
+FIXED_HEADS = {"video_text_matching_micro", "video_text_matching_cnn_micro"}
 
 
 def build(name: str, overrides: dict) -> ModelBase:
@@ -62,7 +70,8 @@ def test_every_family_has_a_micro_preset_and_a_base_preset():
     names = set(list_models())
     for base_name in ["vit_b16", "swin_t", "video_generator_base", "text_processor_base", "multimodal_fusion_base",
                       "temporal_transformer_base", "conv_video_encoder_base", "video_transformer_base",
-                      "text_decoder_base", "vit_video_base", "swin_video_base"]:
+                      "text_decoder_base", "vit_video_base", "swin_video_base", "cnn_base", "cnn_video_base",
+                      "video_text_matching_base", "conv_video_generator_base", "text_to_video_base"]:
         assert base_name in names
 
 
@@ -127,11 +136,12 @@ def test_reset_classifier_changes_the_output_width(name, overrides):
     model.reset_classifier(7)
     with torch.no_grad():
         out = model(**inputs)
-    if name in ("video_generator_micro", "text_to_video_micro"):  # the head makes 7 video channels
+    if "generator" in name or "text_to_video" in name:  # the head makes 7 video channels
         assert out.shape == (2, 7, 8, 32, 32)
     else:
         assert out.shape[-1] == 7
-    assert isinstance(model.get_classifier(), nn.Linear)
+    conv_head = name in ("conv_video_generator_micro", "text_to_video_conv_micro")  # a transposed conv makes pixels
+    assert isinstance(model.get_classifier(), nn.ConvTranspose2d if conv_head else nn.Linear)
     assert model.num_classes == 7
 
 
