@@ -7,9 +7,10 @@ Videos are float (B, C, T, H, W) in [-1, 1], so the default `data_range` of SSIM
   window (11, sigma 1.5; Wang et al. 2004), averaged over frames, channels and pixels.
 - `DistillationLoss`: Hinton et al. 2015 temperature-scaled KL (x T^2) mixed with the hard-label
   cross-entropy by alpha, plus an optional hidden-state (FitNets-style) MSE term.
-- `VideoGenerationLoss`: pixel L1/MSE + weight-free perceptual term ((1 - SSIM) + image-gradient
-  L1) + temporal consistency (L1 between frame differences) + optional 3D-FFT L1 + optional
-  adversarial hinge term with `PatchDiscriminator3D`.
+- `VideoGenerationLoss`: pixel L1/MSE (optionally foreground-weighted, and optionally against the
+  target translated onto the generated object: `aligned_target`) + weight-free perceptual term
+  ((1 - SSIM) + image-gradient L1) + temporal consistency (L1 between frame differences) + optional
+  3D-FFT L1 + optional adversarial hinge term with `PatchDiscriminator3D`.
 
 Every loss module returns `(total, components)`: components are detached scalars for logging.
 """
@@ -160,6 +161,88 @@ class PatchDiscriminator3D(nn.Module):
         return self.net(video)
 
 
+# -- object-aware pixel losses for generation --------------------------------------------------
+def clip_background(video: torch.Tensor) -> torch.Tensor:
+    """Per clip and channel, the median over frames and pixels: (B, C, T, H, W) -> (B, C, 1, 1, 1)
+    (the background colour of a clip whose objects cover less than half of it)."""
+    return video.flatten(2).median(dim=-1).values[:, :, None, None, None]
+
+
+def foreground_mask(video: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, 1, T, H, W) float: 1 where the channels' summed |pixel - background|
+    exceeds ``threshold`` (in the [-1, 1] value range: 0.4 is 51 grey levels)."""
+    return ((video - clip_background(video)).abs().sum(dim=1, keepdim=True) > threshold).to(video.dtype)
+
+
+def weighted_pixel_loss(prediction: torch.Tensor, target: torch.Tensor, foreground_weight: float = 0.0,
+                        kind: str = "mse") -> torch.Tensor:
+    """Mean L1/MSE where the target's foreground pixels (``foreground_mask``) weigh
+    1 + foreground_weight and the rest 1: a small object is a few percent of a clip, and unweighted
+    its error is lost under the background's noise."""
+    err = (prediction - target).abs() if kind == "l1" else (prediction - target) ** 2
+    if foreground_weight == 0:
+        return err.mean()
+    w = (1.0 + foreground_weight * foreground_mask(target)).expand_as(err)
+    return (err * w).sum() / w.sum()
+
+
+def object_centroid(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, 2): the (x, y) pixel centroid of what differs most from the background
+    (pixels at least half as far from it as the farthest one of their frame), averaged over frames."""
+    dist = (video - clip_background(video)).norm(dim=1)  # (B, T, H, W)
+    peak = dist.flatten(2).amax(dim=-1)[..., None, None]
+    w = torch.where(dist >= 0.5 * peak, dist, torch.zeros_like(dist))
+    h, wd = video.shape[-2:]
+    ys = torch.arange(h, device=video.device, dtype=video.dtype)[:, None]
+    xs = torch.arange(wd, device=video.device, dtype=video.dtype)[None, :]
+    mass = w.sum(dim=(2, 3)).clamp_min(1e-6)  # (B, T)
+    cx, cy = (w * xs).sum(dim=(2, 3)) / mass, (w * ys).sum(dim=(2, 3)) / mass
+    return torch.stack([cx.mean(dim=1), cy.mean(dim=1)], dim=1)
+
+
+def shift_clips(video: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Translate each clip by integer (dx[b], dy[b]) pixels (right / down), repeating the edge pixels
+    into the gap: (B, C, T, H, W) -> same shape."""
+    b, c, t, h, w = video.shape
+    ys = (torch.arange(h, device=video.device)[None, :] - dy.long()[:, None]).clamp(0, h - 1)  # (B, H)
+    xs = (torch.arange(w, device=video.device)[None, :] - dx.long()[:, None]).clamp(0, w - 1)  # (B, W)
+    out = video.gather(3, ys[:, None, None, :, None].expand(b, c, t, h, w))
+    return out.gather(4, xs[:, None, None, None, :].expand(b, c, t, h, w))
+
+
+def aligned_target(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The target translated so that its object's centroid falls on the prediction's (rounded to
+    whole pixels, one shift per clip; no gradient flows through the alignment)."""
+    with torch.no_grad():
+        d = (object_centroid(prediction.detach().float()) - object_centroid(target.float())).round()
+    return shift_clips(target, d[:, 0], d[:, 1])
+
+
+def dominant_colour(video: torch.Tensor, palette: torch.Tensor, share: float = 0.02, min_contrast: float = 0.05,
+                    min_chroma: float = 30.0) -> torch.Tensor:
+    """Which ``palette`` colour (K, 3) RGB in 0..255 a clip's object has: (B, C, T, H, W) in [-1, 1] ->
+    (B,) palette index, -1 for a clip with nothing standing out (no pixel ``min_contrast`` from the
+    background). The ``share`` of pixels whose difference from the background is most coloured (its
+    chroma, max - min over RGB; grey clutter has none) give the object's colour as their mean
+    difference, compared by direction (cosine) with each palette colour's own difference from that
+    background: a faint or blurred object keeps its hue, so it still counts. When nothing is
+    coloured (< ``min_chroma``), the pixels farthest from the background are taken instead."""
+    x = (video.float() + 1.0) * 127.5  # (B, C, T, H, W) in 0..255
+    bg = clip_background(x)  # (B, C, 1, 1, 1)
+    flat = (x - bg).flatten(2)  # (B, C, N)
+    dist = flat.norm(dim=1)  # (B, N)
+    chroma = flat.amax(dim=1) - flat.amin(dim=1)  # (B, N)
+    k = max(1, int(dist.shape[1] * share))
+    coloured = chroma.topk(k, dim=1)
+    rank = torch.where(coloured.values[:, -1:] >= min_chroma, chroma, dist)
+    top = rank.topk(k, dim=1).indices  # (B, k)
+    mean_diff = flat.gather(2, top[:, None, :].expand(-1, flat.shape[1], -1)).mean(dim=2)  # (B, C)
+    candidates = palette.to(x)[None] - bg.flatten(1)[:, None, :]  # (B, K, C)
+    score = F.cosine_similarity(mean_diff[:, None, :], candidates, dim=-1)  # (B, K)
+    out = score.argmax(dim=1)
+    return torch.where(dist.amax(dim=1) >= min_contrast * 127.5, out, torch.full_like(out, -1))
+
+
 @LOSSES.register("video_generation")
 class VideoGenerationLoss(nn.Module):
     """Weighted sum of pixel, perceptual, temporal-consistency, (frequency) and adversarial terms.
@@ -187,8 +270,11 @@ class VideoGenerationLoss(nn.Module):
         video_channels: int = 3,
         adversarial_start_step: int = 0,
         discriminator: Optional[nn.Module] = None,
+        foreground_weight: float = 0.0,
+        aligned_pixel_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        self.foreground_weight, self.aligned_pixel_loss_weight = foreground_weight, aligned_pixel_loss_weight
         if pixel_loss not in ("l1", "mse"):
             raise ValueError(f"pixel_loss must be 'l1' or 'mse', got {pixel_loss!r}")
         self.pixel_loss_weight, self.perceptual_loss_weight = pixel_loss_weight, perceptual_loss_weight
@@ -205,14 +291,21 @@ class VideoGenerationLoss(nn.Module):
     ) -> Tuple[torch.Tensor, Components]:
         """prediction, target: (B, C, T, H, W). Returns (total, detached components)."""
         pred, tgt = prediction.float(), target.float()
-        pixel = F.l1_loss(pred, tgt) if self.pixel_loss == "l1" else F.mse_loss(pred, tgt)
-        similarity = ssim(pred, tgt, self.data_range, self.ssim_window_size, self.ssim_sigma)
-        gradient = image_gradient_loss(pred, tgt)
-        perceptual = (1.0 - similarity) + gradient
-        temporal = temporal_consistency_loss(pred, tgt)
-        total = self.pixel_loss_weight * pixel + self.perceptual_loss_weight * perceptual
-        total = total + self.temporal_consistency_weight * temporal
-        parts = {"pixel": pixel, "ssim": similarity, "gradient": gradient, "perceptual": perceptual, "temporal": temporal}
+        pixel = weighted_pixel_loss(pred, tgt, self.foreground_weight, self.pixel_loss)
+        total = self.pixel_loss_weight * pixel
+        parts = {"pixel": pixel}
+        if self.aligned_pixel_loss_weight > 0:
+            parts["aligned_pixel"] = weighted_pixel_loss(pred, aligned_target(pred, tgt), self.foreground_weight,
+                                                         self.pixel_loss)
+            total = total + self.aligned_pixel_loss_weight * parts["aligned_pixel"]
+        if self.perceptual_loss_weight > 0:
+            parts["ssim"] = ssim(pred, tgt, self.data_range, self.ssim_window_size, self.ssim_sigma)
+            parts["gradient"] = image_gradient_loss(pred, tgt)
+            parts["perceptual"] = (1.0 - parts["ssim"]) + parts["gradient"]
+            total = total + self.perceptual_loss_weight * parts["perceptual"]
+        if self.temporal_consistency_weight > 0:
+            parts["temporal"] = temporal_consistency_loss(pred, tgt)
+            total = total + self.temporal_consistency_weight * parts["temporal"]
         if self.frequency_loss_weight > 0:
             parts["frequency"] = frequency_loss(pred, tgt)
             total = total + self.frequency_loss_weight * parts["frequency"]

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from heygen_ray.losses import (
-    DistillationLoss, PatchDiscriminator3D, VideoGenerationLoss, discriminator_hinge_loss, frequency_loss,
-    generator_hinge_loss, image_gradient_loss, kd_loss, psnr, ssim, temporal_consistency_loss,
+    DistillationLoss, PatchDiscriminator3D, VideoGenerationLoss, aligned_target, clip_background,
+    discriminator_hinge_loss, foreground_mask, frequency_loss, generator_hinge_loss, image_gradient_loss, kd_loss,
+    dominant_colour, object_centroid, psnr, shift_clips, ssim, temporal_consistency_loss, weighted_pixel_loss,
 )
 
 
@@ -249,3 +250,75 @@ def test_distillation_loss_similarity_hidden_mode_needs_no_projection():
     assert loss.item() == pytest.approx(parts["kd"].item() + 2.0 * parts["hidden"].item(), rel=1e-6)
     with pytest.raises(ValueError, match="hidden_loss"):
         DistillationLoss(hidden_loss="cosine")
+
+
+def square_clip(x0: int, y0: int, size: int = 5, frames: int = 3, bg: float = -0.6, fg=(0.8, -0.2, 0.1)) -> torch.Tensor:
+    """(1, 3, T, 32, 32): a square of ``size`` at (x0 + t, y0) on a plain background."""
+    clip = torch.full((1, 3, frames, 32, 32), bg)
+    for t in range(frames):
+        for c, v in enumerate(fg):
+            clip[0, c, t, y0:y0 + size, x0 + t:x0 + t + size] = v
+    return clip
+
+
+def test_background_foreground_and_centroid_of_a_clip():
+    clip = square_clip(10, 6)
+    assert clip_background(clip).flatten().tolist() == pytest.approx([-0.6] * 3)
+    mask = foreground_mask(clip)
+    assert mask.shape == (1, 1, 3, 32, 32) and mask.sum() == 3 * 25
+    assert mask[0, 0, 1, 6:11, 11:16].all()
+    # centroid: x = 10 + t + 2 averaged over t = 0..2 -> 13; y = 6 + 2 = 8
+    assert object_centroid(clip)[0].tolist() == pytest.approx([13.0, 8.0])
+
+
+def test_shift_clips_moves_each_clip_and_repeats_the_edges():
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 2, 8, 8)
+    out = shift_clips(v, torch.tensor([2, -1]), torch.tensor([1, 0]))
+    torch.testing.assert_close(out[0, :, :, 1:, 2:], v[0, :, :, :-1, :-2])  # right 2, down 1
+    torch.testing.assert_close(out[0, :, :, 0, 2:], v[0, :, :, 0, :-2])  # the top row repeats
+    torch.testing.assert_close(out[0, :, :, 1:, 0], v[0, :, :, :-1, 0])  # the left column repeats
+    torch.testing.assert_close(out[1, :, :, :, :-1], v[1, :, :, :, 1:])  # left 1
+    torch.testing.assert_close(out[1, :, :, :, -1], v[1, :, :, :, -1])
+
+
+def test_weighted_pixel_loss_counts_the_foreground_more():
+    target = square_clip(10, 6)
+    pred = torch.full_like(target, -0.6)  # the background only: every error is on the object
+    err = (pred - target) ** 2
+    assert weighted_pixel_loss(pred, target, 0.0).item() == pytest.approx(err.mean().item())
+    w = 1 + 4.0 * foreground_mask(target)
+    expected = (err * w).sum() / w.expand_as(err).sum()
+    assert weighted_pixel_loss(pred, target, 4.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert weighted_pixel_loss(pred, target, 4.0) > weighted_pixel_loss(pred, target, 0.0)
+    assert weighted_pixel_loss(pred, target, 0.0, kind="l1").item() == pytest.approx((pred - target).abs().mean().item())
+
+
+def test_aligned_pixel_loss_forgives_where_the_object_is_but_not_what_it_is():
+    """The caption leaves an object's exact place open: drawn right but 3 pixels off, the aligned loss
+    is zero where the plain one is not; drawn in the wrong colour, both see it."""
+    target = square_clip(10, 6)
+    moved = square_clip(13, 4)
+    assert torch.equal(aligned_target(moved, target), moved)
+    crit = VideoGenerationLoss(pixel_loss="mse", pixel_loss_weight=0.0, aligned_pixel_loss_weight=1.0,
+                               perceptual_loss_weight=0.0, temporal_consistency_weight=0.0, foreground_weight=3.0)
+    total, parts = crit(moved, target)
+    assert total.item() == pytest.approx(0.0, abs=1e-7) and parts["aligned_pixel"].item() == pytest.approx(0.0, abs=1e-7)
+    assert VideoGenerationLoss(pixel_loss="mse", perceptual_loss_weight=0.0, temporal_consistency_weight=0.0)(moved, target)[0] > 0.01
+    recoloured = square_clip(13, 4, fg=(-0.2, 0.8, 0.1))
+    assert crit(recoloured, target)[0] > 0.01
+
+
+PALETTE = torch.tensor([[220.0, 40, 40], [40, 190, 60], [40, 80, 230], [235, 215, 40]])
+
+
+def test_dominant_colour_names_the_object_even_when_faint_and_nothing_for_a_flat_clip():
+    def clip_with(rgb, strength=1.0):
+        bg = torch.tensor([60.0, 60, 60])
+        img = bg[:, None, None, None].expand(3, 4, 32, 32).clone()
+        img[:, :, 10:16, 10:16] = (bg + strength * (torch.tensor(rgb) - bg))[:, None, None, None]
+        return (img / 127.5 - 1)[None]
+
+    clips = torch.cat([clip_with(PALETTE[i].tolist()) for i in range(4)] +
+                      [clip_with(PALETTE[2].tolist(), strength=0.3), torch.full((1, 3, 4, 32, 32), -0.5)])
+    assert dominant_colour(clips, PALETTE).tolist() == [0, 1, 2, 3, 2, -1]
