@@ -1,5 +1,5 @@
-"""Video files for people to look at: H.264 mp4 (PyAV) and animated GIF (Pillow), plus the
-side-by-side grid used for generated-vs-real samples. Pure numpy in, bytes out."""
+"""Video files for people to look at: H.264 mp4 (PyAV), animated GIF and PNG stills (Pillow), plus
+the side-by-side grid used for generated-vs-real samples and a strip of its frames. Pure numpy in, bytes out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 
-def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1, preset: str = "medium") -> bytes:
     """uint8 (T, H, W, 3) -> H.264 (libx264, yuv420p) mp4 bytes. Deterministic for the same input.
     H and W must be even (yuv420p)."""
     import av
@@ -24,7 +24,7 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1) ->
         stream.codec_context.thread_count = threads
         # mbtree=0: with macroblock-tree rate control this libx264 build gave different bytes for the
         # same frames from one run to the next (measured); without it the output is bit-exact.
-        stream.options = {"crf": str(crf), "preset": "medium", "tune": "animation", "x264-params": "mbtree=0"}
+        stream.options = {"crf": str(crf), "preset": preset, "tune": "animation", "x264-params": "mbtree=0"}
         for t in range(T):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[t]), format="rgb24")
             for packet in stream.encode(frame):
@@ -43,6 +43,26 @@ def encode_gif(frames: np.ndarray, fps: int) -> bytes:
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
                    loop=0, optimize=False)
     return buf.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def frame_strip(frames: np.ndarray, every: int = 2, gap: int = 6) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> one image of frames 0, every, 2*every, ... left to right with ``gap``
+    white columns between them: a still picture of a clip (for a README or a report)."""
+    if frames.ndim != 4 or every < 1:
+        raise ValueError(f"frame_strip needs (T, H, W, 3) frames and every >= 1, got {frames.shape}, {every}")
+    picked = list(frames[::every])
+    spacer = np.full((frames.shape[1], gap, frames.shape[3]), 255, dtype=np.uint8)
+    parts = [p for f in picked for p in (f, spacer)][:-1]
+    return np.concatenate(parts, axis=1)
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:

@@ -29,27 +29,36 @@ def run_data_stage(
     video = VideoPipeline.from_spec(spec.video)
     summary["video"] = {"manifest": video.manifest_uri, "num_classes": video.num_classes,
                         "label_names": video.label_names, "splits": {}}
-    splits = ["train", "val", "test"] if "split" in video.table.column_names else [None]
-    for split in splits:
-        n_rows = video.rows(split).num_rows
-        if n_rows == 0:
+    # every split in one pass (one pool of decoder actors: starting one per split cost more than
+    # decoding the validation and test splits), counted per split from the rows' split column
+    has_split = "split" in video.table.column_names
+    columns = ["video", *(c for c in ("label", "split") if c in video.table.column_names)]
+    n_rows = video.rows(None).num_rows
+    counts: Dict[str, int] = {}
+    shapes: Dict[str, Any] = {}
+    t0 = time.perf_counter()
+    done = 0
+    for batch in video.dataset(None, columns=columns).iter_batches(batch_size=32, batch_format="numpy"):
+        names = [str(x) for x in batch["split"]] if has_split else ["all"] * len(batch["video"])
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+            shapes.setdefault(name, list(batch["video"].shape[1:]))
+        done += len(names)
+        if on_progress:
+            on_progress("video", done, n_rows)
+    dt = time.perf_counter() - t0
+    stats = video.warn_dropped(None)
+    summary["video"]["seconds"] = round(dt, 2)
+    summary["video"]["clips_per_second"] = round(done / dt, 1) if dt > 0 else None
+    summary["video"]["dropped"] = stats["dropped"]
+    summary["video"]["dropped_examples"] = stats["dropped_examples"]
+    summary["video"]["dropped_reasons"] = stats["dropped_reasons"]
+    for split in (["train", "val", "test"] if has_split else ["all"]):
+        rows = video.rows(split if has_split else None).num_rows
+        if rows == 0:
             continue
-        t0 = time.perf_counter()
-        clips, shape = 0, None
-        for batch in video.dataset(split, columns=["video", "label"] if "label" in video.table.column_names else ["video"]).iter_batches(
-            batch_size=32, batch_format="numpy"
-        ):
-            clips += len(batch["video"])
-            shape = list(batch["video"].shape[1:]) if len(batch["video"]) else shape
-            if on_progress:
-                on_progress(f"video:{split or 'all'}", clips, n_rows)
-        dt = time.perf_counter() - t0
-        stats = video.warn_dropped(split)
-        summary["video"]["splits"][split or "all"] = {
-            "clips": clips, "shape": shape, "dtype": "uint8", "seconds": round(dt, 2),
-            "clips_per_second": round(clips / dt, 1) if dt > 0 else None,
-            "dropped": stats["dropped"], "dropped_examples": stats["dropped_examples"],
-        }
+        summary["video"]["splits"][split] = {"clips": counts.get(split, 0), "shape": shapes.get(split), "dtype": "uint8",
+                                             "dropped": rows - counts.get(split, 0)}
 
     t0 = time.perf_counter()
     text = TextPipeline.from_spec(spec.text)

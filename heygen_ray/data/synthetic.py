@@ -219,7 +219,7 @@ def _generate_chunk(spec_dict: Dict[str, Any], indices: Sequence[int], splits: S
     for index, split in zip(indices, splits):
         p = clip_params(spec, index)
         frames = render_clip(p, spec.frames, spec.height, spec.width, spec.seed)
-        data = encode_mp4(frames, spec.fps, spec.crf)
+        data = encode_mp4(frames, spec.fps, spec.crf, preset=spec.x264_preset)
         rel = f"videos/{split}/clip_{index:06d}.mp4"
         fsutil.write_bytes(fsutil.join(root, rel), data)
         rows.append(

@@ -16,9 +16,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 

@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from heygen_ray.config import ConfigError, SynthSpec, TextDataSpec, VideoDataSpec
+from heygen_ray.config import ConfigError, TextDataSpec, VideoDataSpec
 from heygen_ray.data.synthetic import generate_dataset
 from heygen_ray.data.text import TextPipeline
 from heygen_ray.data.video import VideoPipeline

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from heygen_ray.config import ConfigError
