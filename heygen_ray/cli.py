@@ -93,12 +93,15 @@ def print_data_summary(summary: Dict[str, Any]) -> None:
             f"in {s['seconds']:.1f} s ({s['clips_per_second']} clips/s) -> {s['output_dir']}"
         )
     v = summary["video"]
-    t = Table(title=f"video pipeline: {v['manifest']} ({v['num_classes']} classes)")
-    for col in ("split", "clips", "clip shape (T,H,W,C)", "dropped", "seconds", "clips/s"):
+    t = Table(title=f"video pipeline: {v['manifest']} ({v['num_classes']} classes; every split decoded in "
+                    f"{v['seconds']} s, {v['clips_per_second']} clips/s)")
+    for col in ("split", "clips", "clip shape (T,H,W,C)", "dropped"):
         t.add_column(col)
     for split, row in v["splits"].items():
-        t.add_row(split, str(row["clips"]), str(tuple(row["shape"] or ())), str(row["dropped"]), str(row["seconds"]), str(row["clips_per_second"]))
+        t.add_row(split, str(row["clips"]), str(tuple(row["shape"] or ())), str(row["dropped"]))
     console.print(t)
+    if v.get("dropped"):
+        console.print(f"dropped {v['dropped']} files ({v['dropped_reasons']}): {v['dropped_examples']}")
     x = summary["text"]
     t = Table(title=f"text pipeline: tokenizer {x['tokenizer_dir']} (vocab {x['vocab_size']}{', trained now' if x['tokenizer_trained_now'] else ''})")
     for col in ("sequences", "seq_len", "tokens", "seconds", "tokens/s"):
@@ -246,6 +249,43 @@ def train(
         console.print(f"model: {results['model_uri']} (registered {results.get('registered_model_name')} v{results.get('model_version')})")
     console.print(f"checkpoint: {results['checkpoint_uri']}")
     console.print(f"results: {results['results_path']}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION or a logged model directory"),
+    data: Path = typer.Option(..., "--data", "-d", help="a data YAML (configs/data/): a manifest of your videos, or "
+                              "the embedded set (synth; generated when absent)"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    split: str = typer.Option("test", help="manifest split to score (train/val/test); ignored when the manifest has none"),
+    tracking_uri: Optional[str] = typer.Option(None, help="the MLflow store of the registry (default: $MLFLOW_TRACKING_URI)"),
+    judge: Optional[str] = typer.Option(None, help="text_to_video: a registered video classifier that judges the clips"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the metrics as JSON here"),
+) -> None:
+    """Score a registered model (any task) on a split of any manifest with the task's own metrics."""
+    import os
+
+    from heygen_ray.runtime import init_ray
+    from heygen_ray.train.evaluate import evaluate_model
+
+    spec: DataSpec = _load(DataSpec, data, overrides)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if model.startswith("models:/") and not uri:
+        _config_failure(ConfigError("--tracking-uri: a models:/ URI needs the registry's store (or set MLFLOW_TRACKING_URI)"))
+    init_ray()
+    try:
+        result = evaluate_model(model, spec, split=split, tracking_uri=uri, judge_uri=judge)
+    except ConfigError as err:
+        _config_failure(err)
+    t = Table(title=f"evaluate {model} ({result['task']}) on {result['manifest'] or result['corpus']} [{split}]")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in sorted(result["metrics"].items()):
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(t)
+    if result.get("dropped"):
+        console.print(f"dropped {result['dropped']} unreadable files: {result['dropped_examples']}")
+    _write_results(output, result)
 
 
 @app.command("tune")

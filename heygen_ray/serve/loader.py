@@ -57,26 +57,8 @@ def resolve_variant_uri(base_uri: str, value: str, *, tracking_uri: Optional[str
     return f"models:/{name}/{version}", None
 
 
-def _data_info(config: Dict[str, Any], tracking_uri: Optional[str], depth: int = 0) -> Dict[str, Any]:
-    """Training's ``data_info`` (clip shape, tokenizer, labels) of a model, following the
-    compression lineage (``extra.lineage.parent_uri``) when the variant does not carry it."""
-    extra = config.get("extra") or {}
-    if extra.get("data_info"):
-        return dict(extra["data_info"])
-    parent = (extra.get("lineage") or {}).get("parent_uri")
-    if depth < 3 and isinstance(parent, str) and parent.startswith("models:/"):
-        from heygen_ray.tracking import load_model_config
-
-        try:
-            return _data_info(load_model_config(parent, tracking_uri=tracking_uri), tracking_uri, depth + 1)
-        except Exception as err:  # the parent may be gone: the endpoint's preprocess section fills in
-            log.warning("data_info of parent %s unavailable: %s", parent, err)
-    return {}
-
-
 def _int8(model: Any, config: Dict[str, Any], run_id: Optional[str], tracking_uri: Optional[str],
           compile_int8: bool) -> Tuple[Any, str]:
-    import torch
 
     from heygen_ray.compress.quantize import compile_frozen, load_int8_dynamic, load_pt2
     from heygen_ray.tracking import download_run_artifact
@@ -108,7 +90,7 @@ def load_variant(uri: str, *, tracking_uri: Optional[str] = None, precision: Opt
     import torch
 
     from heygen_ray.compress.quantize import CastInputs, has_conv3d, to_bf16
-    from heygen_ray.tracking import load_model_and_config, resolve_model_uri
+    from heygen_ray.tracking import load_model_and_config, recorded, recorded_data_info, resolve_model_uri
 
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -132,8 +114,8 @@ def load_variant(uri: str, *, tracking_uri: Optional[str] = None, precision: Opt
     info = {
         "uri": uri, "name": ref.name or name, "version": ref.version, "alias": alias, "run_id": ref.run_id,
         "variant": variant, "precision": prec, "model_name": config.get("registry_name"),
-        "class": config.get("class"), "task": extra.get("task"), "input_names": config.get("input_names"),
-        "data_info": _data_info(config, tracking_uri), "int8_artifact": extra.get("int8_artifact"),
+        "class": config.get("class"), "task": recorded(config, "task", tracking_uri=tracking_uri), "input_names": config.get("input_names"),
+        "data_info": recorded_data_info(config, tracking_uri=tracking_uri), "int8_artifact": extra.get("int8_artifact"),
         "arch": model if prec.startswith("int8") else None,
     }
     if info["arch"] is None:

@@ -31,7 +31,7 @@ from heygen_ray.tracking.models import (
     CONFIG_FILE, MAX_EXAMPLE_ELEMENTS, MODEL_FORMAT, WEIGHTS_FILE, LoggedModel, ModelRef, load_model, load_model_and_config, load_pyfunc, log_model, register_run_model,
     resolve_model_uri, set_alias,
 )
-from heygen_ray.tracking.models import download_run_artifact, find_variant_version, load_model_config
+from heygen_ray.tracking.models import download_run_artifact, find_variant_version, load_model_config, recorded, recorded_data_info
 from heygen_ray.tracking.plots import svg_curves, svg_heatmap, svg_scatter
 from heygen_ray.tracking.runs import (
     MAX_PARAM_VALUE, MAX_TAG_VALUE, TRUNCATION_MARKER, NullTracker, RunStatus, Tracker, default_artifact_root,
@@ -56,6 +56,8 @@ __all__ = [
     "download_run_artifact",
     "find_variant_version",
     "load_model_config",
+    "recorded",
+    "recorded_data_info",
     "ensure_experiment",
     "find_runs",
     "flatten",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from heygen_ray.tracking.runs import NullTracker, Tracker, _client, flatten
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -471,6 +474,30 @@ def load_model_config(uri: str, *, tracking_uri: Optional[str] = None) -> Dict[s
             raise FileNotFoundError(f"{uri} is not a heygen_ray model (no artifacts/{CONFIG_FILE})")
         with open(path) as f:
             return json.load(f)
+
+
+def recorded(config: Mapping[str, Any], key: str, *, tracking_uri: Optional[str] = None, depth: int = 0) -> Any:
+    """What a logged model's model.json records under ``extra.<key>`` (training's ``task``,
+    ``data_info``, ...); a compressed variant that does not carry it is followed to its parent
+    (``extra.lineage.parent_uri``). None when nothing records it."""
+    extra = config.get("extra") or {}
+    if extra.get(key) not in (None, {}, ""):
+        return extra[key]
+    parent = (extra.get("lineage") or {}).get("parent_uri")
+    if depth < 3 and isinstance(parent, str) and parent.startswith("models:/"):
+        try:
+            parent_config = load_model_config(parent, tracking_uri=tracking_uri)
+        except Exception as err:  # noqa: BLE001 - the parent may be gone: callers fill the gaps
+            log.warning("%s of parent %s unavailable: %s", key, parent, err)
+            return None
+        return recorded(parent_config, key, tracking_uri=tracking_uri, depth=depth + 1)
+    return None
+
+
+def recorded_data_info(config: Mapping[str, Any], *, tracking_uri: Optional[str] = None) -> Dict[str, Any]:
+    """The DataInfo (classes, label names, clip shape, tokenizer, ...) a logged model was trained on
+    (``recorded(config, "data_info")``), {} when nothing records it."""
+    return dict(recorded(config, "data_info", tracking_uri=tracking_uri) or {})
 
 
 def download_run_artifact(run_id: str, path: str, dst_dir: str, *, tracking_uri: Optional[str] = None) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, TrainSpec
+from heygen_ray.train import track
 from heygen_ray.train.tasks import DataInfo, Task
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,17 @@ def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 102
     return 2.0 * n**3 * iters / dt
 
 
+def peak_flops_for(precision: str, threads: int) -> Dict[str, float]:
+    """Measured matmul peak per precision the workers may train in (the MFU denominators): for
+    ``auto`` fp32, plus bf16 where this CPU has hardware bf16 (the workers pick one of the two)."""
+    from heygen_ray.train.precision import bf16_cpu_support, cpu_flags
+
+    if precision != "auto":
+        return {precision: measure_matmul_peak(precision, threads=threads)}
+    names = ["fp32"] + (["bf16"] if bf16_cpu_support(cpu_flags()) else [])
+    return {name: measure_matmul_peak(name, threads=threads) for name in names}
+
+
 def prepare_data(spec: TrainSpec, task: Task, *, lazy: bool = False) -> Tuple[Dict[str, Any], DataInfo]:
     """Build the Ray datasets for the task (generating the embedded set if it is configured and absent).
     ``lazy``: the caller needs only the DataInfo, so no video split is decoded and cached here."""
@@ -85,13 +97,19 @@ def prepare_data(spec: TrainSpec, task: Task, *, lazy: bool = False) -> Tuple[Di
         info = DataInfo(clip_frames=data.video.clip_frames, height=data.video.height, width=data.video.width,
                         vocab_size=text.tokenizer.vocab_size, pad_id=text.tokenizer.pad_id,
                         caption_tokens=data.text.caption_max_tokens, tokenizer_dir=text.tokenizer_dir,
-                        train_rows=pipe.rows("train").num_rows, val_rows=pipe.rows("val").num_rows)
+                        train_rows=pipe.rows("train").num_rows, val_rows=pipe.rows("val").num_rows,
+                        num_classes=pipe.num_classes, label_names=pipe.label_names)
+        columns = ["video", "caption"]
+        if "label" in task.columns:  # a judged text_to_video
+            if "label" not in pipe.table.column_names:
+                raise ConfigError(f"judge: the manifest {pipe.manifest_uri} has no label column to judge against")
+            columns.append("label")
         datasets = {}
         for split in ("train", "val"):
             if split == "val" and not info.val_rows:
                 continue
             # cache (when asked) after tokenizing, so the decoded clips are held once
-            clips = pipe.dataset(split, columns=["video", "caption"], cache=False)
+            clips = pipe.dataset(split, columns=columns, cache=False)
             ds = text.add_caption_tokens(clips, drop_caption=True)
             rows = info.train_rows if split == "train" else info.val_rows
             datasets[split] = ds.materialize() if not lazy and data.video.cache_split(split, rows) else ds
@@ -122,13 +140,63 @@ def mean_clip(ds, max_clips: int = 512) -> list:
     return mean.transpose(3, 0, 1, 2).astype(np.float32).tolist()
 
 
-def check_model(spec: TrainSpec, task: Task, info: DataInfo) -> None:
+def _pinned(uri: str, field: str, tracking_uri: Optional[str]) -> str:
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (other URIs unchanged); an unknown name or
+    alias fails naming ``field``."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    from heygen_ray.tracking import resolve_model_uri
+
+    try:
+        ref = resolve_model_uri(uri, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 (an unknown name or alias: the config's error)
+        raise ConfigError(f"{field}: {uri!r} is not in the registry at {tracking_uri}: {err}") from None
+    return f"models:/{ref.name}/{ref.version}"
+
+
+def pin_model_refs(spec: TrainSpec, tracking_uri: Optional[str]) -> TrainSpec:
+    """The registered models a training reads (``model.init_from.uri``, ``judge.model``) pinned to
+    versions, so every worker (and a restarted one) uses the same weights even if an alias moves."""
+    d = spec.to_dict()
+    if spec.model.init_from is not None:
+        d["model"]["init_from"]["uri"] = _pinned(spec.model.init_from.uri, "model.init_from.uri", tracking_uri)
+    if spec.judge is not None:
+        d["judge"]["model"] = _pinned(spec.judge.model, "judge.model", tracking_uri)
+    return TrainSpec.from_dict(d)
+
+
+def check_judge(spec: TrainSpec, info: DataInfo, tracking_uri: Optional[str]) -> None:
+    """The judge (a registered video classifier) must take this data's clips and know its labels."""
+    if spec.judge is None:
+        return
+    from heygen_ray.tracking import load_model_config, recorded_data_info
+
+    try:
+        cfg = load_model_config(spec.judge.model, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"judge.model: cannot load {spec.judge.model!r}: {err}") from None
+    judged = recorded_data_info(cfg)
+    shape = tuple(judged.get(k) for k in ("clip_frames", "height", "width"))
+    if shape != (info.clip_frames, info.height, info.width):
+        raise ConfigError(f"judge.model: {spec.judge.model} takes clips of (frames, height, width) {shape}, "
+                          f"this data has {(info.clip_frames, info.height, info.width)}")
+    missing = sorted(set(info.label_names or []) - set(judged.get("label_names") or []))
+    if not info.label_names or missing:
+        raise ConfigError(f"judge.model: {spec.judge.model} does not know the data's labels "
+                          f"({missing[:5] or 'the data has none'})")
+
+
+def check_model(spec: TrainSpec, task: Task, info: DataInfo, tracking_uri: Optional[str] = None) -> None:
     """Build the model on the meta device and run it on a batch of the data's shape: a mismatch fails
-    here, naming model.overrides, instead of inside a worker."""
+    here, naming model.overrides, instead of inside a worker; a warm start (model.init_from) that
+    cannot load or fits no tensor fails here too."""
     import torch
 
     from heygen_ray.models import UnknownArgumentError
-    from heygen_ray.train.loop import build_model
+    from heygen_ray.train.loop import apply_init_from, build_model
+
+    if spec.model.init_from is not None:
+        apply_init_from(build_model(spec, task, info), spec, tracking_uri)
 
     inputs, targets = task.inputs({k: v.to("meta") for k, v in task.example_batch(info, 2).items()})
     try:
@@ -158,19 +226,21 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from heygen_ray.train import track
     from heygen_ray.train.loop import task_for, train_loop_per_worker
 
     spec = absolutize(spec)
     task = task_for(spec)
+    tracking_uri = track.resolved_uri(spec.tracking.to_dict(), os.path.join(spec.run_dir, spec.name))
+    spec = pin_model_refs(spec, tracking_uri)
     datasets, info = prepared if prepared is not None else prepare_data(spec, task)
-    check_model(spec, task, info)
+    check_model(spec, task, info, tracking_uri)
+    check_judge(spec, info, tracking_uri)
     run_dir = os.path.join(spec.run_dir, spec.name)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "spec.yaml"), "w") as f:
         f.write(spec.to_yaml())
     workers = max(spec.scaling.num_workers, 1)
-    peak = spec.peak_flops or measure_matmul_peak(spec.precision, threads=max(1, int((os.cpu_count() or 1) / workers)))
+    peak = spec.peak_flops or peak_flops_for(spec.precision, threads=max(1, int((os.cpu_count() or 1) / workers)))
 
     mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict(),
                                              run_id=mlflow_run_id)
@@ -178,6 +248,7 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "data_info": info.to_dict(), "run_dir": run_dir,
+                           "tracking_uri": tracking_uri,
                            "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id,
                            **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,

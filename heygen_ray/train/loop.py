@@ -20,9 +20,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from heygen_ray.config import TrainSpec
+from heygen_ray.config import ConfigError, TrainSpec
 from heygen_ray.train.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, read_meta
 from heygen_ray.train.ema import make_ema
+from heygen_ray.train.precision import PrecisionChoice, probe_bf16_speedup, resolve_precision
+from heygen_ray.train.precision import amp_dtype as precision_dtype
 from heygen_ray.train.schedule import build_scheduler
 from heygen_ray.train.tasks import DataInfo, Task, get_task
 
@@ -54,10 +56,49 @@ def build_model(spec: TrainSpec, task: Task, info: DataInfo) -> nn.Module:
     return create_model(spec.model.name, **model_overrides(spec, task, info))
 
 
-def task_for(spec: TrainSpec) -> Task:
-    """The task with the spec's loss settings (the discriminator, when the GAN is on, is built here)."""
+def apply_init_from(model: nn.Module, spec: TrainSpec, tracking_uri: Optional[str]):
+    """Warm-start ``model`` from ``spec.model.init_from`` (None when unset); fails, naming the field,
+    when not one tensor of the source fits."""
+    from heygen_ray.train.warm_start import warm_start
+
+    init = spec.model.init_from
+    if init is None:
+        return None
+    from heygen_ray.tracking import load_model
+
+    try:
+        source = load_model(init.uri, tracking_uri=tracking_uri).state_dict()
+    except Exception as err:  # noqa: BLE001 (any failure to reach or read the source is the config's)
+        raise ConfigError(f"model.init_from.uri: cannot load {init.uri!r}: {err}") from None
+    report = warm_start(model, source, source_prefix=init.source_prefix, target_prefix=init.target_prefix,
+                        freeze=init.freeze)
+    if not report.copied:
+        raise ConfigError(
+            f"model.init_from: no tensor of {init.uri} (names under {init.source_prefix!r}) matches a tensor of "
+            f"{spec.model.name} under {init.target_prefix!r} with the same shape "
+            f"({len(report.shape_mismatch)} names matched with other shapes)")
+    return report
+
+
+def load_judge(spec: TrainSpec, info: DataInfo, tracking_uri: Optional[str], device: Optional[torch.device] = None):
+    """The text_to_video judge of ``spec.judge`` (a registered video classifier) as a tasks.Judge."""
+    from heygen_ray.config import COLORS
+    from heygen_ray.tracking import load_model_and_config, recorded_data_info
+    from heygen_ray.train.tasks import Judge
+
+    model, cfg = load_model_and_config(spec.judge.model, tracking_uri=tracking_uri)
+    labels = recorded_data_info(cfg).get("label_names")
+    if not labels:
+        raise ConfigError(f"judge.model: {spec.judge.model} records no label names (train it with the video_classification task)")
+    return Judge(model.to(device or "cpu"), labels, COLORS, info.tokenizer_dir)
+
+
+def task_for(spec: TrainSpec, judge: Any = None) -> Task:
+    """The task with the spec's loss settings (the discriminator, when the GAN is on, is built here;
+    ``judge``: the loaded text_to_video judge, see load_judge)."""
     if spec.task == "text_to_video":
-        return get_task(spec.task, loss_weights=spec.loss.to_dict(), discriminator=spec.discriminator.to_dict())
+        return get_task(spec.task, loss_weights=spec.loss.to_dict(), discriminator=spec.discriminator.to_dict(),
+                        judge=judge, judged=spec.judge is not None)
     if spec.task == "video_text_matching":
         return get_task(spec.task, **spec.matching_loss.to_dict())
     return get_task(spec.task)
@@ -73,6 +114,29 @@ def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
     return None
 
 
+def choose_precision(spec: TrainSpec, model: nn.Module, task: Task, info: DataInfo, device: torch.device,
+                     world: int) -> PrecisionChoice:
+    """Resolve ``spec.precision`` (``auto``: CPU flags, then a probe of this model's own step at
+    the training batch size). Every rank takes rank 0's answer, so all workers train alike."""
+    batch = {k: v.to(device) for k, v in task.example_batch(info, spec.batch_size).items()}
+    inputs, targets = task.inputs(batch)
+    inputs = {**inputs, **task.forward_kwargs}
+
+    def probe() -> float:
+        return probe_bf16_speedup(model, inputs, lambda out: task.loss(out, targets), device.type)
+
+    choice = resolve_precision(spec.precision, device, probe=probe)
+    if world > 1 and spec.precision == "auto":
+        import torch.distributed as dist
+
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if spec.precision == "auto":
+        log.warning("precision auto -> %s (%s)", choice.precision, choice.reason)
+    return choice
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -85,7 +149,8 @@ def evaluate(models: Mapping[str, nn.Module], batches, task: Task, info: DataInf
     """(metrics, state) of each model over ``batches``, in one pass: the validation set is read (and,
     when streamed, decoded) once for the raw and the EMA model. An empty ``first`` dict receives the
     first batch (kept for samples)."""
-    for m in models.values():
+    training = [m for m in models.values() if m.training]  # restored after; a loaded (eval) model stays so
+    for m in training:
         m.eval()
     states = {name: task.new_metrics(info) for name in models}
     for batch in batches:
@@ -96,8 +161,8 @@ def evaluate(models: Mapping[str, nn.Module], batches, task: Task, info: DataInf
         for name, m in models.items():
             with amp():
                 out = m(**inputs, **task.forward_kwargs)
-            task.update_metrics(states[name], out, targets)
-    for m in models.values():
+            task.update_metrics(states[name], out, targets, batch)
+    for m in training:
         m.train()
     return {name: (task.compute_metrics(st), st) for name, st in states.items()}
 
@@ -216,18 +281,23 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
 
     spec = TrainSpec.from_dict(config["spec"])  # re-validated on arrival
     info = DataInfo(**config["data_info"])
-    task = task_for(spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # only rank 0 evaluates, so only rank 0 loads a judge
+    judge = load_judge(spec, info, config.get("tracking_uri"), device) if spec.judge is not None and rank == 0 else None
+    task = task_for(spec, judge)
     torch.manual_seed(spec.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
 
+    warm = None
     if config.get("init_model"):  # a given starting point (the pruned student), e.g. of another shape
         from heygen_ray.tracking import load_model
 
         model = load_model(config["init_model"]).train().to(device)
     else:
-        model = build_model(spec, task, info).to(device)
+        model = build_model(spec, task, info)
+        warm = apply_init_from(model, spec, config.get("tracking_uri"))
+        model = model.to(device)
     if config.get("distill"):  # the frozen teacher: outside DDP, not checkpointed with the student
         from heygen_ray.train.tasks import DistillationTask
         from heygen_ray.tracking import load_model
@@ -243,7 +313,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
                             betas=(spec.optim.beta1, spec.optim.beta2), eps=spec.optim.eps)
     sched = schedule_at(opt, spec, 0)
-    use_fp16 = spec.precision == "fp16"
+    choice = choose_precision(spec, model, task, info, device, world)
+    precision = choice.precision
+    use_fp16 = precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
     # GAN: the discriminator (built by the task) has its own optimizer, schedule and grad scaler
     disc = task.discriminator.to(device) if task.discriminator is not None else None
@@ -254,7 +326,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
                                   betas=(d_spec.optim.beta1, d_spec.optim.beta2), eps=d_spec.optim.eps)
         d_sched = schedule_at(d_opt, spec, 0, d_spec.optim, d_spec.schedule)
         d_scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+    amp_dtype = precision_dtype(precision)
 
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
@@ -291,12 +363,17 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     if spec.compile:
         model = torch.compile(model)
     tracker = track.attach(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
+    if resumed_from is None:  # a resumed run logged its choice already (params cannot change)
+        tracker.log_params(choice.to_params())
+        if warm is not None:
+            tracker.log_params({"init_from": spec.model.init_from.uri, **warm.summary()})
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     flops = unwrap_model(base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0])
     n_params = sum(p.numel() for p in base.parameters())
     unit_name, units = task.units_per_sample(info)
-    peak = spec.peak_flops or float(config.get("peak_flops") or 0.0)
+    peaks = config.get("peak_flops") or {}
+    peak = spec.peak_flops or float((peaks.get(precision) if isinstance(peaks, dict) else peaks) or 0.0)
     fault = fault_plan(spec)
     fault_marker = os.path.join(config["run_dir"], f".fault-{spec.name}")
 
@@ -430,7 +507,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     run_eval(final=True)
     report()
 
-    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from,
+    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "precision": precision,
+                              "precision_reason": choice.reason,
                               "val_history": {k: v for k, v in history.items() if k.startswith("val_")}}
     if media_dirs:
         result["samples_dirs"] = media_dirs
@@ -442,7 +520,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
             tracker.log_text(text, "samples.txt")
             result["samples"] = text
         logged = track.log_final_model(tracker, final, spec=spec, info=info, task=task,
-                                       overrides=model_overrides(spec, task, info))
+                                       overrides=model_overrides(spec, task, info), precision=precision)
         if logged:
             result.update(logged)
     return result

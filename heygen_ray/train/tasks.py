@@ -6,6 +6,7 @@ accumulates metrics as sums that can be all-reduced across workers before they a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -63,7 +64,10 @@ class Task:
     def new_metrics(self, info: DataInfo) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def update_metrics(self, state: Dict[str, torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def update_metrics(self, state: Dict[str, torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor,
+                       batch: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Add one batch to ``state``; ``batch`` (when given) is the whole batch, for metrics that need
+        more than the targets."""
         raise NotImplementedError
 
     def compute_metrics(self, state: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -110,7 +114,7 @@ class VideoClassification(Task):
         return {"loss_sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64),
                 "correct": torch.zeros((), dtype=torch.float64), "confusion": torch.zeros(k, k, dtype=torch.float64)}
 
-    def update_metrics(self, state, outputs, targets):
+    def update_metrics(self, state, outputs, targets, batch=None):
         outputs = outputs.detach().float()
         state["loss_sum"] += F.cross_entropy(outputs, targets, reduction="sum").double().cpu()
         pred = outputs.argmax(-1)
@@ -155,7 +159,7 @@ class LanguageModeling(Task):
     def new_metrics(self, info):
         return {"loss_sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
 
-    def update_metrics(self, state, outputs, targets):
+    def update_metrics(self, state, outputs, targets, batch=None):
         state["loss_sum"] += F.cross_entropy(outputs.detach().float().flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
         state["count"] += float(targets.numel())
 
@@ -236,8 +240,16 @@ class TextToVideoTask(CaptionedClipTask):
 
     MEDIA_SAMPLES = 4  # validation captions rendered at each evaluation
 
-    def __init__(self, loss_weights: Optional[Dict[str, Any]] = None, discriminator: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, loss_weights: Optional[Dict[str, Any]] = None, discriminator: Optional[Dict[str, Any]] = None,
+                 judge: Optional["Judge"] = None, judged: bool = False) -> None:
+        """``judge``: the Judge that scores evaluations; ``judged``: one will be attached (a driver
+        plans the data for it without loading the judge model)."""
         from heygen_ray.losses import PatchDiscriminator3D, VideoGenerationLoss
+
+        self.judge = judge
+        if judge is not None or judged:  # the judge compares against the clips' labels
+            self.columns = CaptionedClipTask.columns + ("label",)
+            self.dtypes = {**CaptionedClipTask.dtypes, "label": torch.int64}
 
         weights = dict(loss_weights or {})
         disc = None
@@ -270,9 +282,11 @@ class TextToVideoTask(CaptionedClipTask):
         state = {k: torch.zeros((), dtype=torch.float64) for k in
                  ("count", "psnr", "ssim", "temporal", "baseline_psnr", "baseline_ssim", "baseline_temporal")}
         state["mean_clip"] = torch.tensor(info.mean_clip, dtype=torch.float32) if info.mean_clip is not None else None
+        if self.judge is not None:
+            state["judge"] = self.judge.new_state(info)
         return state
 
-    def update_metrics(self, state, outputs, targets):
+    def update_metrics(self, state, outputs, targets, batch=None):
         pred, tgt = outputs.detach().float().clamp(-1, 1), targets.float()
         preds = {"": pred}
         if state["mean_clip"] is not None:
@@ -282,18 +296,25 @@ class TextToVideoTask(CaptionedClipTask):
             for k, v in m.items():
                 state[prefix + k] += v.sum().double().cpu()
         state["count"] += float(tgt.shape[0])
+        if self.judge is not None:
+            if batch is None or "label" not in batch:
+                raise ValueError("the text_to_video judge needs the batch's label column")
+            self.judge.update(state["judge"], pred, tgt, batch["label"], batch["caption_ids"], batch["caption_mask"])
 
     def compute_metrics(self, state):
         n = max(float(state["count"]), 1.0)
         keys = ["psnr", "ssim", "temporal"] + (["baseline_psnr", "baseline_ssim", "baseline_temporal"] if state["mean_clip"] is not None else [])
         out = {k: float(state[k]) / n for k in keys}
         out["samples"] = float(state["count"])
+        if self.judge is not None:
+            out.update(self.judge.compute(state["judge"]))
         return out
 
     @torch.no_grad()
     def media(self, model, batch, info):
-        """[generated | real] side by side, one row per caption, as mp4 and GIF, plus the captions."""
-        from heygen_ray.data.media import encode_gif, encode_mp4, side_by_side, to_uint8
+        """[generated | real] side by side, one row per caption, as mp4 and GIF, a PNG strip of 4 of its
+        frames (time runs left to right), plus the captions."""
+        from heygen_ray.data.media import encode_gif, encode_mp4, encode_png, frame_strip, side_by_side, to_uint8
 
         was_training = model.training
         model.eval()
@@ -303,11 +324,92 @@ class TextToVideoTask(CaptionedClipTask):
         real = targets.float().cpu().numpy()
         grid = side_by_side([[to_uint8(g), to_uint8(r)] for g, r in zip(generated, real)])
         fps = 4
-        files = {"samples.mp4": encode_mp4(grid, fps), "samples.gif": encode_gif(grid, fps)}
+        files = {"samples.mp4": encode_mp4(grid, fps), "samples.gif": encode_gif(grid, fps),
+                 "samples_strip.png": encode_png(frame_strip(grid, every=max(1, grid.shape[0] // 4)))}
         captions = decode_captions(batch["caption_ids"], batch["caption_mask"], info)
         files["captions.txt"] = ("rows top to bottom; left: generated, right: real\n"
                                  + "".join(f"{i}: {c}\n" for i, c in enumerate(captions))).encode()
         return files
+
+
+class Judge:
+    """Does a generated clip show what its caption says? Two checks over the validation captions:
+
+    - a registered video classifier (the judge) classifies the generated clip; it is right when it
+      names the caption's own label (shape x direction on the embedded set). Its accuracy on the real
+      clips of the same captions is reported beside it, as the ceiling;
+    - the generated object's dominant colour (`losses.dominant_colour`) is the colour the caption
+      names (captions naming none of ``palette``'s colours are left out of this check).
+
+    ``model`` is any callable video -> logits with the same clip shape; ``judge_labels`` its label
+    names, matched by name to the data's (``DataInfo.label_names``)."""
+
+    def __init__(self, model: torch.nn.Module, judge_labels: List[str], palette: Dict[str, Tuple[int, int, int]],
+                 tokenizer_dir: Optional[str] = None) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.judge_labels = list(judge_labels)
+        self.palette_names = list(palette)
+        self.palette = torch.tensor([palette[n] for n in self.palette_names], dtype=torch.float32)
+        self.tokenizer_dir = tokenizer_dir
+        self._tokenizer = None
+
+    def new_state(self, info: DataInfo) -> Dict[str, Any]:
+        if not info.label_names:
+            raise ValueError("the judge needs the data's label names (a manifest label column with labels.json)")
+        unknown = sorted(set(info.label_names) - set(self.judge_labels))
+        if unknown:
+            raise ValueError(f"the judge does not know the data's labels {unknown[:5]} (it knows {self.judge_labels[:5]}...)")
+        state = {k: 0.0 for k in ("n", "right", "real_right", "colour_n", "colour_right", "colour_real_right")}
+        state.update(names=list(info.label_names), parts=[0.0, 0.0], info=info)
+        return state
+
+    def _caption_colours(self, ids: torch.Tensor, mask: torch.Tensor, info: DataInfo) -> List[int]:
+        """Palette index of the first colour word of each caption (-1: none)."""
+        words = [set(c.lower().split()) for c in decode_captions(ids, mask, info)]
+        return [next((i for i, n in enumerate(self.palette_names) if n in w), -1) for w in words]
+
+    @torch.no_grad()
+    def update(self, state: Dict[str, Any], generated: torch.Tensor, real: torch.Tensor, labels: torch.Tensor,
+               caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> None:
+        from heygen_ray.losses import dominant_colour
+
+        device = next(self.model.parameters()).device
+        names = state["names"]
+        truth = [names[int(i)] for i in labels.cpu()]
+        for key, video in (("right", generated), ("real_right", real)):
+            pred = self.model(video=video.to(device).float()).argmax(-1).cpu()
+            said = [self.judge_labels[int(i)] for i in pred]
+            state[key] += float(sum(a == b for a, b in zip(said, truth)))
+            if key == "right":  # per part of "<shape>_<direction>"-style names
+                for k in (0, 1):
+                    state["parts"][k] += float(sum(len(a.split("_")) == 2 and a.split("_")[k] == b.split("_")[k]
+                                                   for a, b in zip(said, truth)))
+        state["n"] += float(len(truth))
+        wanted = torch.tensor(self._caption_colours(caption_ids, caption_mask, state["info"]))
+        has = wanted >= 0
+        for key, video in (("colour_right", generated), ("colour_real_right", real)):
+            got = dominant_colour(video.cpu(), self.palette)
+            state[key] += float(((got == wanted) & has).sum())
+        state["colour_n"] += float(has.sum())
+
+    def compute(self, state: Dict[str, Any]) -> Dict[str, float]:
+        n, c = max(state["n"], 1.0), max(state["colour_n"], 1.0)
+        out = {"judge_accuracy": state["right"] / n, "judge_real_accuracy": state["real_right"] / n,
+               "judge_chance": 1.0 / max(len(state["names"]), 1)}
+        if all(len(x.split("_")) == 2 for x in state["names"]):
+            out.update(judge_shape_accuracy=state["parts"][0] / n, judge_direction_accuracy=state["parts"][1] / n)
+        if state["colour_n"]:
+            out.update(colour_accuracy=state["colour_right"] / c, colour_real_accuracy=state["colour_real_right"] / c)
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_dir: str):
+    from heygen_ray.data.text import TextTokenizer
+
+    return TextTokenizer.load(tokenizer_dir)
 
 
 def decode_captions(ids: torch.Tensor, mask: torch.Tensor, info: DataInfo) -> List[str]:
@@ -315,9 +417,7 @@ def decode_captions(ids: torch.Tensor, mask: torch.Tensor, info: DataInfo) -> Li
     rows = [row[m].tolist() for row, m in zip(ids.cpu(), mask.cpu().bool())]
     if not info.tokenizer_dir:
         return [" ".join(map(str, r)) for r in rows]
-    from heygen_ray.data.text import TextTokenizer
-
-    tok = TextTokenizer.load(info.tokenizer_dir)
+    tok = _tokenizer(info.tokenizer_dir)
     return [tok.decode(r) for r in rows]
 
 
@@ -372,7 +472,7 @@ class VideoTextMatchingTask(CaptionedClipTask):
         return {"video": [], "text": [], "ids": [], "loss_sum": torch.zeros((), dtype=torch.float64),
                 **{k: torch.zeros((), dtype=torch.float64) for k in ("tp", "positives", "tn", "negatives")}}
 
-    def update_metrics(self, state, outputs, targets):
+    def update_metrics(self, state, outputs, targets, batch=None):
         state["video"].append(outputs["video_embeddings"].detach().float().cpu())
         state["text"].append(outputs["text_embeddings"].detach().float().cpu())
         state["ids"].append(targets.detach().cpu())
@@ -484,8 +584,8 @@ class DistillationTask(Task):
     def new_metrics(self, info):
         return self.base.new_metrics(info)
 
-    def update_metrics(self, state, outputs, targets):
-        self.base.update_metrics(state, outputs, targets[0])
+    def update_metrics(self, state, outputs, targets, batch=None):
+        self.base.update_metrics(state, outputs, targets[0], batch)
 
     def compute_metrics(self, state):
         return self.base.compute_metrics(state)

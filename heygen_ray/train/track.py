@@ -44,14 +44,15 @@ def end_run(tracking: Dict[str, Any], run_dir: str, run_id: Optional[str], statu
     attach(tracking, run_dir, rank=0, run_id=run_id).end(status)
 
 
-def log_final_model(tracker, model, *, spec, info, task, overrides: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def log_final_model(tracker, model, *, spec, info, task, overrides: Dict[str, Any],
+                    precision: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Log (and register, when a name is configured) the final model; returns its URI and version
     (None on a NullTracker)."""
     logged = t.log_model(
         tracker, model, model_name=spec.model.name, model_overrides=overrides,
         registered_model_name=spec.tracking.registered_model_name,
         input_example=task.inputs(task.example_batch(info, 1))[0],
-        extra={"task": spec.task, "precision": spec.precision, "variant": "ema" if spec.ema.enabled else "raw",
+        extra={"task": spec.task, "precision": precision or spec.precision, "variant": "ema" if spec.ema.enabled else "raw",
                "data_info": info.to_dict()},
     )
     if logged is None:

@@ -162,7 +162,7 @@ def test_text_to_video_samples_are_decodable_mp4_and_gif(tmp_path):
         video[:, :, (i // 2) * 16:(i // 2 + 1) * 16, (i % 2) * 16:(i % 2 + 1) * 16] = torch.tensor(colour, dtype=torch.uint8)
     batch["video"] = video
     files = task.media(model, batch, info)
-    assert set(files) == {"samples.mp4", "samples.gif", "captions.txt"}
+    assert set(files) == {"samples.mp4", "samples.gif", "samples_strip.png", "captions.txt"}
     # 3 rows x [generated | real], 32 px cells upscaled 4x with 2 px gaps: 3*128+4*2 = 392, 2*128+3*2 = 262
     for name, fmt in (("samples.mp4", "mp4"), ("samples.gif", "gif")):
         with av.open(io.BytesIO(files[name]), format=fmt) as container:
@@ -175,3 +175,79 @@ def test_text_to_video_samples_are_decodable_mp4_and_gif(tmp_path):
     real_cell = first[2:130, 132:260][::4, ::4].astype(int)
     assert np.abs(real_cell - batch["video"][0, 0].numpy().astype(int)).mean() < 3  # GIF palette error only
     assert files["captions.txt"].decode().count("\n") == 4
+    # the still: frames 0, 2, 4, 6 of the grid left to right, 6 px apart; frame 0's real cell is the source
+    from PIL import Image
+
+    strip = np.asarray(Image.open(io.BytesIO(files["samples_strip.png"])).convert("RGB"))
+    assert strip.shape == (392, 4 * 262 + 3 * 6, 3)
+    assert np.abs(strip[2:130, 132:260][::4, ::4].astype(int) - batch["video"][0, 0].numpy().astype(int)).max() == 0
+
+
+def _judged_batch(tmp_path, n=32):
+    """n embedded-set clips as float (B, C, T, H, W) at 32 x 32, their labels and tokenized captions."""
+    import json as _json
+
+    from heygen_ray.config import SynthSpec
+    from heygen_ray.data.synthetic import clip_params, render_clip
+    from heygen_ray.data.text import train_tokenizer
+
+    spec = SynthSpec(num_clips=n, seed=4, height=32, width=32)
+    params = [clip_params(spec, i) for i in range(n)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(_json.dumps({"text": p.caption}) + "\n" for p in params) * 4)
+    tok = train_tokenizer(str(corpus), str(tmp_path / "tok"), vocab_size=300, min_frequency=1)
+    clips = np.stack([render_clip(p, 8, 32, 32) for p in params])  # (B, T, H, W, C) uint8
+    video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    ids = [tok.encode(p.caption) for p in params]
+    length = max(map(len, ids))
+    caption_ids = torch.zeros(n, length, dtype=torch.int64)
+    caption_mask = torch.zeros(n, length, dtype=torch.bool)
+    for i, row in enumerate(ids):
+        caption_ids[i, :len(row)], caption_mask[i, :len(row)] = torch.tensor(row), True
+    info = DataInfo(label_names=spec.label_names, num_classes=16, clip_frames=8, height=32, width=32,
+                    tokenizer_dir=str(tmp_path / "tok"))
+    labels = torch.tensor([p.label for p in params])
+    return video, labels, caption_ids, caption_mask, info, spec
+
+
+def test_judge_of_a_generator_that_returns_the_real_clips_equals_the_classifiers_accuracy(tmp_path):
+    from heygen_ray.config import COLORS
+    from heygen_ray.train.tasks import Judge
+
+    video, labels, ids, mask, info, spec = _judged_batch(tmp_path)
+    torch.manual_seed(0)
+    classifier = create_model("cnn_video_micro").eval()
+    # a judge whose label order differs from the data's: labels are matched by name
+    judge_labels = list(reversed(spec.label_names))
+    classifier.head.weight.data = classifier.head.weight.data.flip(0)
+    classifier.head.bias.data = torch.linspace(-1, 1, 16)
+    task = get_task("text_to_video", loss_weights={"perceptual_loss_weight": 0.0}, judge=Judge(classifier, judge_labels, COLORS, info.tokenizer_dir))
+    assert "label" in task.columns
+    state = task.new_metrics(info)
+    batch = {"video": video, "label": labels, "caption_ids": ids, "caption_mask": mask}
+    task.update_metrics(state, video, video, batch)  # "generated" = the real clips
+    m = task.compute_metrics(state)
+    with torch.no_grad():
+        said = [judge_labels[i] for i in classifier(video=video).argmax(-1).tolist()]
+    own = float(np.mean([s == spec.label_names[int(y)] for s, y in zip(said, labels)]))
+    assert m["judge_accuracy"] == pytest.approx(own) and m["judge_real_accuracy"] == pytest.approx(own)
+    assert m["colour_accuracy"] == 1.0 == m["colour_real_accuracy"]  # the rendered colours are the captions'
+    assert m["judge_chance"] == pytest.approx(1 / 16)
+
+
+def test_judge_of_a_flat_generator_is_at_chance(tmp_path):
+    from heygen_ray.config import COLORS
+    from heygen_ray.train.tasks import Judge
+
+    video, labels, ids, mask, info, spec = _judged_batch(tmp_path)
+    torch.manual_seed(0)
+    classifier = create_model("cnn_video_micro").eval()
+    task = get_task("text_to_video", loss_weights={"perceptual_loss_weight": 0.0},
+                    judge=Judge(classifier, spec.label_names, COLORS, info.tokenizer_dir))
+    state = task.new_metrics(info)
+    flat = torch.full_like(video, -0.6)
+    task.update_metrics(state, flat, video, {"video": video, "label": labels, "caption_ids": ids, "caption_mask": mask})
+    m = task.compute_metrics(state)
+    # one answer for every clip: right for exactly the clips of that label (2 of 32, labels cycle over 16)
+    assert m["judge_accuracy"] == pytest.approx(2 / 32)
+    assert m["colour_accuracy"] == 0.0 and m["colour_real_accuracy"] == 1.0

@@ -438,3 +438,19 @@ def test_every_micro_model_of_the_zoo_round_trips(run_dir):
                 want = m(**x)
                 assert type(loaded) is type(m) and torch.equal(loaded(**x), want), name
             np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_recorded_values_follow_a_variant_to_its_parent(registry, tmp_path):
+    """A compressed variant's model.json carries its lineage, not the training's task and data: both
+    are read from the parent it names (and a missing parent gives None, not an error)."""
+    from heygen_ray.tracking import load_model_config, recorded, recorded_data_info
+
+    uri = registry[0]
+    parent = load_model_config("models:/video-cls/1", tracking_uri=uri)
+    assert recorded(parent, "precision") == "fp32" and recorded(parent, "task") is None
+    child = {"extra": {"variant": "int8", "lineage": {"parent_uri": "models:/video-cls/1"}}}
+    assert recorded(child, "label_names", tracking_uri=uri) == ["a", "b", "c", "d", "e"]
+    assert recorded({"extra": {"data_info": {"height": 32}}}, "data_info") == {"height": 32}
+    assert recorded_data_info(child, tracking_uri=uri) == {}  # the parent records none
+    gone = {"extra": {"lineage": {"parent_uri": "models:/video-cls/99"}}}
+    assert recorded(gone, "label_names", tracking_uri=uri) is None

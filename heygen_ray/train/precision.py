@@ -1,0 +1,119 @@
+"""`precision: auto`: bf16 autocast where it is faster on this hardware, fp32 where it is not.
+
+CPUs differ: with AMX (or AVX-512 BF16) a bf16 matmul runs several times faster than fp32; without
+them bf16 is emulated and slower (measured 0.66x fp32 on such a CPU). So the choice is made on the
+machine that trains, in two steps: the CPU flags say whether bf16 can pay at all (no hardware
+support: fp32, no probe), then a short probe times the model's own forward + backward in both
+precisions and keeps bf16 only when it is faster by a margin. On CUDA, bf16 where the GPU supports
+it (no probe: it is always faster there), else fp32. fp16 is never chosen automatically: it needs a
+gradient scaler and its range can overflow; ask for it explicitly.
+
+Pure PyTorch, no Ray: the training loop calls `resolve_precision` and logs the decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, FrozenSet, Mapping, Optional
+
+import torch
+from torch import nn
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # hardware bf16 matmuls (AMX tiles, or AVX-512 dot products)
+MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this factor in the probe (timing noise on a busy machine)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What `auto` resolved to and why (logged as run params)."""
+
+    precision: str  # fp32 | bf16 | fp16
+    requested: str
+    reason: str
+    bf16_speedup: Optional[float] = None  # probe: fp32 step time / bf16 step time
+
+    def to_params(self) -> Dict[str, str]:
+        d = {f"precision_{k}": str(v) for k, v in asdict(self).items() if v is not None and k != "precision"}
+        return {"precision_resolved": self.precision, **d}
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> FrozenSet[str]:
+    """The CPU feature flags (Linux /proc/cpuinfo); empty where that file does not exist."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_cpu_support(flags: FrozenSet[str]) -> Optional[str]:
+    """The flag that gives this CPU hardware bf16 matmuls, or None."""
+    return next((f for f in BF16_CPU_FLAGS if f in flags), None)
+
+
+def time_train_step(model: nn.Module, inputs: Mapping[str, torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                    dtype: Optional[torch.dtype], device_type: str = "cpu", iters: int = 3) -> float:
+    """Median seconds of a forward + backward of ``model`` on ``inputs`` under autocast(``dtype``)
+    (None = fp32), after one warm-up step. ``loss_fn`` maps the output to a scalar."""
+    times = []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            out = model(**inputs)
+        loss_fn(out).backward()
+        model.zero_grad(set_to_none=True)
+        if i:  # the first step warms up (allocations, kernel selection)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def probe_bf16_speedup(model: nn.Module, inputs: Mapping[str, torch.Tensor],
+                       loss_fn: Callable[[torch.Tensor], torch.Tensor], device_type: str = "cpu") -> float:
+    """fp32 step time / bf16 step time of a copy of ``model`` (the model itself, its gradients and
+    its BatchNorm statistics stay untouched), fp32 and bf16 alternated to share any load."""
+    probe = copy.deepcopy(model).train()
+    fp32, bf16 = [], []
+    for _ in range(2):
+        fp32.append(time_train_step(probe, inputs, loss_fn, None, device_type))
+        bf16.append(time_train_step(probe, inputs, loss_fn, torch.bfloat16, device_type))
+    return min(fp32) / max(min(bf16), 1e-12)
+
+
+def resolve_precision(requested: str, device: torch.device, *, flags: Optional[FrozenSet[str]] = None,
+                      probe: Optional[Callable[[], float]] = None) -> PrecisionChoice:
+    """The precision to train with. ``requested`` other than ``auto`` is kept as is. ``flags``: the
+    CPU flags (default: read from this machine); ``probe``: returns the measured bf16 speedup (only
+    called on a CPU with hardware bf16)."""
+    if requested != "auto":
+        return PrecisionChoice(requested, requested, "set in the config")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", requested, f"CUDA device {torch.cuda.get_device_name(device)} supports bf16")
+        return PrecisionChoice("fp32", requested, "CUDA device without bf16 (fp16 only when asked for)")
+    if device.type != "cpu":
+        return PrecisionChoice("fp32", requested, f"no bf16 policy for device {device.type!r}")
+    flags = cpu_flags() if flags is None else flags
+    support = bf16_cpu_support(flags)
+    if support is None:
+        return PrecisionChoice("fp32", requested, f"CPU has none of {', '.join(BF16_CPU_FLAGS)}: bf16 is emulated, slower")
+    if probe is None:
+        return PrecisionChoice("bf16", requested, f"CPU has {support} (not probed)")
+    speedup = float(probe())
+    if speedup >= MIN_SPEEDUP:
+        return PrecisionChoice("bf16", requested, f"CPU has {support}; bf16 step {speedup:.2f}x fp32", speedup)
+    return PrecisionChoice("fp32", requested, f"CPU has {support} but bf16 step was only {speedup:.2f}x fp32", speedup)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a resolved precision (None for fp32)."""
+    if precision == "auto":
+        raise ValueError("resolve precision 'auto' first (resolve_precision)")
+    return AMP_DTYPES.get(precision)

@@ -1,0 +1,57 @@
+"""precision: auto: the decision from the CPU flags and the probe, and the probe itself."""
+
+import pytest
+import torch
+
+from heygen_ray.models import create_model
+from heygen_ray.train.precision import (
+    MIN_SPEEDUP, amp_dtype, bf16_cpu_support, cpu_flags, probe_bf16_speedup, resolve_precision,
+)
+
+CPU = torch.device("cpu")
+
+
+def never(*_):  # a probe that must not run
+    raise AssertionError("probed")
+
+
+def test_a_cpu_without_bf16_hardware_trains_fp32_without_probing():
+    choice = resolve_precision("auto", CPU, flags=frozenset({"avx2", "fma"}), probe=never)
+    assert choice.precision == "fp32" and "amx_bf16" in choice.reason and choice.bf16_speedup is None
+    assert choice.to_params()["precision_resolved"] == "fp32" and choice.to_params()["precision_requested"] == "auto"
+
+
+@pytest.mark.parametrize("flag", ["amx_bf16", "avx512_bf16"])
+def test_with_bf16_hardware_the_probe_decides(flag):
+    fast = resolve_precision("auto", CPU, flags=frozenset({flag}), probe=lambda: 2.4)
+    assert fast.precision == "bf16" and fast.bf16_speedup == 2.4 and flag in fast.reason
+    slow = resolve_precision("auto", CPU, flags=frozenset({flag}), probe=lambda: MIN_SPEEDUP - 0.05)
+    assert slow.precision == "fp32" and "only" in slow.reason
+
+
+def test_an_explicit_precision_is_kept_as_is():
+    for p in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(p, CPU, flags=frozenset(), probe=never).precision == p
+    assert amp_dtype("fp32") is None and amp_dtype("bf16") is torch.bfloat16 and amp_dtype("fp16") is torch.float16
+    with pytest.raises(ValueError, match="resolve"):
+        amp_dtype("auto")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\nbogus: 1\n")
+    flags = cpu_flags(str(f))
+    assert {"avx2", "amx_bf16"} <= flags and bf16_cpu_support(flags) == "amx_bf16"
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_the_probe_times_a_copy_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = create_model("cnn_video_micro").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = model.example_inputs(2)
+    speedup = probe_bf16_speedup(model, inputs, lambda out: out.float().sum())
+    assert speedup > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    assert all(p.grad is None for p in model.parameters())
