@@ -260,6 +260,8 @@ def evaluate_cmd(
     split: str = typer.Option("test", help="manifest split to score (train/val/test); ignored when the manifest has none"),
     tracking_uri: Optional[str] = typer.Option(None, help="the MLflow store of the registry (default: $MLFLOW_TRACKING_URI)"),
     judge: Optional[str] = typer.Option(None, help="text_to_video: a registered video classifier that judges the clips"),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (autocast); default: the precision the model "
+                                            "was trained and validated with (recorded in its model.json)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the metrics as JSON here"),
 ) -> None:
     """Score a registered model (any task) on a split of any manifest with the task's own metrics."""
@@ -274,7 +276,7 @@ def evaluate_cmd(
         _config_failure(ConfigError("--tracking-uri: a models:/ URI needs the registry's store (or set MLFLOW_TRACKING_URI)"))
     init_ray()
     try:
-        result = evaluate_model(model, spec, split=split, tracking_uri=uri, judge_uri=judge)
+        result = evaluate_model(model, spec, split=split, tracking_uri=uri, judge_uri=judge, precision=precision)
     except ConfigError as err:
         _config_failure(err)
     t = Table(title=f"evaluate {model} ({result['task']}) on {result['manifest'] or result['corpus']} [{split}]")

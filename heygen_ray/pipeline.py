@@ -24,11 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-import yaml
 
 from heygen_ray import fsutil
 from heygen_ray.config import (
-    SMOKE_OVERRIDES, CompressSpec, ConfigError, PipelineSpec, Spec, StageRefSpec, SweepSpec, TrainSpec,
+    SMOKE_OVERRIDES, CompressSpec, ConfigError, DataSpec, PipelineSpec, Spec, StageRefSpec, SweepSpec, TrainSpec,
     load_yaml, parse_override, set_path, validate_spec,
 )
 
@@ -74,6 +73,17 @@ def _validated(cls, d: Dict[str, Any], where: str, ref: StageRefSpec):
     return validate_spec(cls, d, source=shown)
 
 
+def model_refs(spec: TrainSpec) -> List[str]:
+    """The registered model names a training reads (``models:/NAME@...`` or ``models:/NAME/...`` in
+    model.init_from.uri and judge.model)."""
+    uris = [spec.model.init_from.uri if spec.model.init_from else None, spec.judge.model if spec.judge else None]
+    names = []
+    for uri in filter(None, uris):
+        if uri.startswith("models:/"):
+            names.append(uri[len("models:/"):].split("@")[0].split("/")[0])
+    return names
+
+
 def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
     """The units in run order, every stage spec validated. The pipeline owns the data set (each
     stage's ``data.synth`` and manifest become the pipeline's), the run folders
@@ -100,14 +110,27 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
     if "data" in spec.stages:
         units.append(Unit("data", "data", spec.data, [], os.path.join(out_dir, "data")))
     if "train" in spec.stages:
+        specs: Dict[str, TrainSpec] = {}
         for entry, ref in spec.train.items():
             where = f"train.{entry}"
             d = _stage_dict(ref, where, "train", spec.smoke)
             own_data(d)
             d["name"] = entry
             d["run_dir"] = os.path.join(out_dir, "train")
-            units.append(Unit(where, "train", _validated(TrainSpec, d, where, ref), ["data"] if "data" in spec.stages else [],
-                              os.path.join(out_dir, "train", entry)))
+            specs[entry] = _validated(TrainSpec, d, where, ref)
+        registers = {s.tracking.registered_model_name: e for e, s in specs.items() if s.tracking.registered_model_name}
+        order = list(specs)
+        for entry, tspec in specs.items():
+            deps = ["data"] if "data" in spec.stages else []
+            for used in model_refs(tspec):  # a warm start or a judge from another entry's model
+                source = registers.get(used)
+                if source is None or source == entry:
+                    continue
+                if order.index(source) > order.index(entry):
+                    raise ConfigError(f"pipeline train.{entry}: it uses the model {used!r} of train.{source}, "
+                                      "which comes later: list train entries in the order they depend on each other")
+                deps.append(f"train.{source}")
+            units.append(Unit(f"train.{entry}", "train", tspec, deps, os.path.join(out_dir, "train", entry)))
     if "tune" in spec.stages:
         kind = (load_yaml(spec.tune.config) if os.path.isfile(spec.tune.config) else {}).get("stage", "train")
         d = _stage_dict(spec.tune, "tune", "sweep_compress" if kind == "compress" else "sweep", spec.smoke)
@@ -132,6 +155,23 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
         d["teacher"] = None  # set to the teacher's registered version when the stage runs
         cspec = _validated(CompressSpec, d, "compress", ref)
         units.append(Unit("compress", "compress", cspec, [f"train.{ref.teacher}"], os.path.join(out_dir, "compress", cspec.name)))
+    if "evaluate" in spec.stages:
+        for name, ev in spec.evaluate.items():
+            d = spec.data.to_dict()
+            overrides = dict(ev.data_overrides)
+            if d.get("synth") and any(k.startswith("synth.") for k in overrides):
+                # other clips: their own folder (beside the pipeline's unless named), manifest and corpus
+                overrides.setdefault("synth.output_dir", f"{spec.data.synth.output_dir.rstrip('/')}_{name}")
+                if spec.smoke:  # smoke sizes: no more clips than the pipeline's own data
+                    overrides["synth.num_clips"] = min(int(overrides.get("synth.num_clips", 10 ** 9)),
+                                                       spec.data.synth.num_clips)
+            if "synth.output_dir" in overrides:
+                d["video"].pop("manifest", None)
+                d["text"].pop("corpus", None)
+            for path, value in overrides.items():
+                set_path(d, path, value)
+            data = validate_spec(DataSpec, d, source=f"pipeline evaluate.{name}.data_overrides")
+            units.append(Unit(f"evaluate.{name}", "evaluate", data, [ev.model], os.path.join(out_dir, "evaluate", name)))
     if "serve" in spec.stages:
         ref = spec.serve
         d = _stage_dict(ref, "serve", None, spec.smoke)
@@ -438,6 +478,12 @@ class PipelineRun:
         from heygen_ray.train.loop import task_for
 
         entry = unit.name.split(".", 1)[1]
+        for dep in unit.deps[1:] if unit.deps[:1] == ["data"] else unit.deps:
+            o = self.outputs.get(dep) or {}
+            if dep.startswith("train.") and not o.get("champion"):
+                raise RuntimeError(f"{unit.name} reads the {self.spec.champion_alias!r} of {dep} "
+                                   f"({o.get('registered_model_name')}), which did not pass its gate "
+                                   f"({o.get('metric')}={o.get('value')}): nothing to build on")
         d = unit.spec.to_dict()
         # a resumed training continues its run where it was nested (its params include the parent)
         parent = (resume or {}).get("mlflow_parent_run_id") or (stage_run.run_id if self.tracking_uri else None)
@@ -458,13 +504,15 @@ class PipelineRun:
         task = task_for(spec)
         metric_name = f"val_{'ema_' if spec.ema.enabled else ''}{task.primary_metric}"
         value = res["metrics"].get(metric_name)
-        gate = self.spec.train[entry].gate
+        # smoke sizes check the plumbing, not the learning: their gates are reported, not applied
+        gate = None if self.spec.smoke else self.spec.train[entry].gate
         passes = _gate_passes(gate, res["metrics"])
         champion = passes and _set_champion(res.get("registered_model_name"), res.get("model_version"),
                                             self.spec.champion_alias, self.tracking_uri)
         out = {k: res.get(k) for k in ("model_uri", "registered_model_name", "model_version", "checkpoint_uri",
                                        "mlflow_run_id", "run_dir", "seconds")}
         out.update(task=spec.task, metric=metric_name, value=value, champion=bool(champion), passes_gate=passes,
+                   gate="not applied (smoke)" if self.spec.smoke and self.spec.train[entry].gate else None,
                    champion_uri=f"models:/{res['registered_model_name']}@{self.spec.champion_alias}" if champion else None)
         return out, f"{metric_name}={value:.4g}" if isinstance(value, (int, float)) else None
 
@@ -509,6 +557,31 @@ class PipelineRun:
         metric = (f"{res['final_variant']}: {final.get('speedup_bs1_vs_fp32', 0):.2f}x vs fp32, "
                   f"quality {final['quality']:.3f} (teacher {rows['teacher_fp32']['quality']:.3f})")
         return out, metric
+
+    def _run_evaluate(self, unit: Unit, stage_run: Any, resume: Any):
+        """Score the champion of ``unit.deps[0]`` on this entry's data; the results and any expected
+        minimums (met or not) go into the stage outputs."""
+        from heygen_ray.train.evaluate import evaluate_model
+
+        name = unit.name.split(".", 1)[1]
+        ev = self.spec.evaluate[name]
+        o = self.outputs.get(unit.deps[0]) or {}
+        uri = o.get("champion_uri") or (f"models:/{o['registered_model_name']}/{o['model_version']}"
+                                        if o.get("registered_model_name") and o.get("model_version") else None)
+        if uri is None:
+            raise RuntimeError(f"evaluate.{name}: {ev.model} registered no model to evaluate")
+        res = evaluate_model(uri, unit.spec, split=ev.split, tracking_uri=self.tracking_uri)
+        m = res["metrics"]
+        checks = {k: {"value": m.get(k), "min": v, "passed": isinstance(m.get(k), (int, float)) and m[k] >= v}
+                  for k, v in (ev.min_value or {}).items()}
+        stage_run.log_metrics({f"{name}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        os.makedirs(unit.run_dir, exist_ok=True)
+        with open(os.path.join(unit.run_dir, "results.json"), "w") as f:
+            json.dump({**res, "checks": checks}, f, indent=2, default=str)
+        out = {"model": uri, "manifest": res["manifest"], "split": ev.split, "rows": res["rows"],
+               "dropped": res["dropped"], "metrics": m, "checks": checks}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k in (ev.min_value or {}) or k in ("accuracy", "recall_at_1"))
+        return out, f"{uri} on {res['rows']} clips: {shown or 'scored'}"
 
     def _run_serve(self, unit: Unit, stage_run: Any, resume: Any):
         """Deploy every endpoint's champion (the compression variants multiplexed by name), send one

@@ -50,15 +50,19 @@ def _check_labels(model_labels: Optional[list], pipe: Any) -> None:
 
 
 def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "test", tracking_uri: Optional[str] = None,
-                   batch_size: int = 32, judge_uri: Optional[str] = None) -> Dict[str, Any]:
+                   batch_size: int = 32, judge_uri: Optional[str] = None, precision: Optional[str] = None) -> Dict[str, Any]:
     """Metrics of ``model_uri`` on ``split`` of ``data`` (the whole manifest when it has no split
     column; language models score every packed sequence of ``data.text.corpus``). Needs Ray (the
-    data pipeline). ``judge_uri``: a registered video classifier judging a text_to_video model."""
+    data pipeline). ``judge_uri``: a registered video classifier judging a text_to_video model.
+    ``precision``: fp32 or bf16 (autocast) for a float model; None: the precision its training ran
+    (and validated) with, so the scores match the training's own evaluation. An int8 variant runs
+    as it is served."""
     import torch
 
     from heygen_ray.config import TrainSpec
     from heygen_ray.tracking import load_model_and_config, recorded, recorded_data_info, resolve_model_uri
     from heygen_ray.train.loop import evaluate, load_judge, task_for
+    from heygen_ray.train.precision import amp_dtype
 
     t0 = time.perf_counter()
     if data.synth is not None and not fsutil.exists(data.video.manifest or ""):
@@ -69,15 +73,17 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
         model, cfg = load_model_and_config(model_uri, tracking_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 (unknown name, alias or path)
         raise ConfigError(f"--model: cannot load {model_uri!r}: {err}") from None
-    if (cfg.get("extra") or {}).get("int8_artifact") and model_uri.startswith("models:/"):
-        from heygen_ray.serve.loader import load_variant  # a compressed int8 variant: scored as it is served
+    extra = cfg.get("extra") or {}
+    served_as_is = bool(extra.get("int8_artifact")) or cfg.get("dtype") == "bfloat16"
+    if served_as_is and model_uri.startswith("models:/"):
+        from heygen_ray.serve.loader import load_variant  # a compressed int8/bf16 variant: scored as it is served
 
         model, _ = load_variant(model_uri, tracking_uri=tracking_uri, compile_int8=False)
     task_name = recorded(cfg, "task", tracking_uri=tracking_uri)
     if not task_name:
         raise ConfigError(f"--model: {model_uri} records no task (was it logged by heygen-ray training?)")
-    recorded = recorded_data_info(cfg, tracking_uri=tracking_uri)
-    info = DataInfo(**{k: v for k, v in recorded.items() if k in DataInfo.__dataclass_fields__})
+    trained_on = recorded_data_info(cfg, tracking_uri=tracking_uri)
+    info = DataInfo(**{k: v for k, v in trained_on.items() if k in DataInfo.__dataclass_fields__})
     if task_name in ("text_to_video", "video_text_matching") and not (info.tokenizer_dir and fsutil.exists(
             fsutil.join(info.tokenizer_dir, "tokenizer.json"))):
         info.tokenizer_dir = fsutil.absolute(data.text.tokenizer_dir or "")  # the model's own is gone: the data's
@@ -87,12 +93,22 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
     spec = TrainSpec.from_dict(spec_d, source="evaluate")
     judge = load_judge(spec, info, tracking_uri) if judge_uri else None
     task = task_for(spec, judge)
+    int8 = bool(extra.get("int8_artifact"))
+    # a training's model records the precision it validated with; a compressed variant runs as stored
+    precision = "fp32" if served_as_is else (precision or extra.get("precision") or "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision: {precision!r} is not one of fp32, bf16")
+    dtype = amp_dtype(precision)
+
+    def amp():
+        return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     ds, pipe, rows = _dataset(task_name, task, data, info, split)
     _check_labels(info.label_names, pipe)
     if pipe is not None and pipe.label_names:
         info.label_names, info.num_classes = pipe.label_names, len(pipe.label_names)
     batches = ds.iter_torch_batches(batch_size=batch_size, dtypes=dict(task.dtypes))
-    scored = evaluate({"model": model}, batches, task, info, torch.device("cpu"), contextlib.nullcontext)
+    scored = evaluate({"model": model}, batches, task, info, torch.device("cpu"), amp)
     metrics, _ = scored["model"]
     stats = pipe.stats(split if pipe is not None and "split" in pipe.table.column_names else None) if pipe is not None else {}
     ref = None
@@ -103,7 +119,7 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
         "model": model_uri, "registered_name": getattr(ref, "name", None), "version": getattr(ref, "version", None),
         "run_id": getattr(ref, "run_id", None), "task": task_name, "split": split,
         "manifest": getattr(pipe, "manifest_uri", None), "corpus": data.text.corpus if pipe is None else None,
-        "rows": rows, "decoded": stats.get("decoded"), "dropped": stats.get("dropped"),
+        "rows": rows, "precision": "int8" if int8 else ("bf16" if served_as_is else precision), "decoded": stats.get("decoded"), "dropped": stats.get("dropped"),
         "dropped_examples": stats.get("dropped_examples"), "judge": judge_uri,
         "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2),
     }

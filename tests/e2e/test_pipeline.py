@@ -32,7 +32,8 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     units = [row["stage"] for row in res["summary"]]
-    assert units == ["data", "train.video_classifier", "train.text_to_video", "tune", "compress", "serve"]
+    assert units == ["data", "train.video_classifier", "train.video_text_matching", "train.text_to_video", "tune",
+                     "compress", "evaluate.unseen", "serve"]
     assert all(row["status"] == "ran" for row in res["summary"]), res["summary"]
     assert res["stages"]["tune"]["trials"] == 2  # the quickstart's tune.smoke_overrides over the sweep's smoke sizes
     ledger = json.loads((out / "ledger.json").read_text())["units"]
@@ -53,17 +54,23 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     exp = parent.info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {c.data.tags["heygen_ray.stage"]: c for c in children}
-    assert set(by_stage) == {"data", "train", "tune", "compress", "serve"}
+    assert set(by_stage) == {"data", "train", "tune", "compress", "evaluate", "serve"}
     train_runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{by_stage['train'].info.run_id}'")
-    assert len(train_runs) == 2
+    assert len(train_runs) == 3
     # the champions: the compressed classifier (gate), the text-to-video model, the swept decoder
     outs = res["stages"]
-    for unit in ("train.text_to_video", "tune"):
+    # smoke sizes do not learn: the trainings' gates are reported, not applied, so the chain runs
+    assert outs["train.video_classifier"]["gate"] == "not applied (smoke)"
+    for unit in ("train.video_classifier", "train.video_text_matching", "train.text_to_video", "tune"):
         o = outs[unit]
         assert o["champion"], (unit, o)
         mv = client.get_model_version_by_alias(o["registered_model_name"], "champion")
         assert str(mv.version) == str(o["model_version"])
     assert outs["compress"]["teacher_uri"].startswith("models:/video_classifier/")
+    # the unseen clips: drawn with another seed beside the pipeline's data, no more than the smoke size
+    unseen = outs["evaluate.unseen"]
+    assert unseen["manifest"] == f"{tmp_path}/data_unseen/manifest.parquet" and 0 < unseen["rows"] <= 48
+    assert 0.0 <= unseen["metrics"]["accuracy"] <= 1.0 and unseen["checks"]["accuracy"]["min"] == 0.93
 
     # second submission: the same spec -> every stage but serve skipped; mark one training unfinished
     # (as if the job died after its last checkpoint): it resumes in its own MLflow run
@@ -75,8 +82,9 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     assert r2.returncode == 0, r2.stdout[-4000:] + r2.stderr[-4000:]
     res2 = json.loads((out / "results.json").read_text())
     status = {row["stage"]: row["status"] for row in res2["summary"]}
-    assert status == {"data": "skipped", "train.video_classifier": "skipped", "train.text_to_video": "resumed",
-                      "tune": "skipped", "compress": "skipped", "serve": "ran"}, status
+    assert status == {"data": "skipped", "train.video_classifier": "skipped", "train.video_text_matching": "skipped",
+                      "train.text_to_video": "resumed", "tune": "skipped", "compress": "skipped",
+                      "evaluate.unseen": "skipped", "serve": "ran"}, status
     ledger2 = json.loads((out / "ledger.json").read_text())["units"]
     assert ledger2["train.text_to_video"]["status"] == "finished" and ledger2["train.text_to_video"]["resumed"]
     assert ledger2["train.text_to_video"]["outputs"]["mlflow_run_id"] == t2v_run

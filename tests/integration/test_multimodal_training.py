@@ -1,6 +1,6 @@
-"""text_to_video with its GAN and video_text_matching on a real local Ray, 2 DDP workers."""
+"""text_to_video with its GAN on a real local Ray, 2 DDP workers: recovery with both optimizers, samples (the
+learning of every task is in test_learning.py)."""
 
-import io
 import os
 
 import pytest
@@ -58,21 +58,3 @@ def test_text_to_video_gan_recovers_a_killed_worker_with_both_optimizers(ray_ses
     listed = {a.path for a in client.list_artifacts(out["mlflow_run_id"], "samples/step_00000012")}
     assert {"samples/step_00000012/samples.gif", "samples/step_00000012/samples.mp4",
             "samples/step_00000012/captions.txt"} <= listed
-
-
-def test_video_text_matching_retrieval_beats_chance(ray_session, tmp_path):
-    """96 clips, one shape, 4 directions and 6 colours: captions differ by colour, direction and speed.
-    Chance recall@1 on the 10 validation clips is about 0.1; what moves the metric is the model
-    learning colour and direction from pixels and words together."""
-    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_text_matching.yaml"), [
-        "name=vtm", f"data.synth.output_dir={tmp_path}/data", "data.synth.num_clips=96", "data.synth.seed=4",
-        "data.synth.frames=8", "data.synth.height=32", "data.synth.width=32", "data.synth.shapes=[square]",
-        "data.synth.max_distractors=0", "data.text.vocab_size=300", "data.text.caption_max_tokens=20",
-        "steps=120", "batch_size=8", "log_every_n_steps=20", "eval_every_n_steps=40", "checkpoint_every_n_steps=120",
-        "schedule.warmup_steps=10", "optim.lr=0.002", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
-    ])
-    out = run_training(spec)
-    m = out["metrics"]
-    assert m["val_samples"] == 10
-    assert m["val_recall_at_1"] > 2 * m["val_chance_recall_at_1"], m
-    assert m["val_recall_at_5"] > m["val_chance_recall_at_5"], m

@@ -68,22 +68,22 @@ def test_classification_run_is_tracked_and_registered(ray_session, tmp_path, tin
     client = MlflowClient(out["tracking_uri"], registry_uri=out["tracking_uri"])
     run = client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.name"] == "conv_video_encoder_micro" and run.data.params["steps"] == "6"
+    assert run.data.params["model.name"] == "cnn_video_micro" and run.data.params["steps"] == "6"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6]
     assert {"val_accuracy", "val_ema_accuracy", "lr", "samples_per_s", "frames_per_s", "mfu", "data_wait_share"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "curves.png"} <= artifacts and any(a.startswith("confusion_matrix") for a in artifacts)
     model = load_model("models:/vc_test/1", tracking_uri=out["tracking_uri"])
-    assert type(model).__name__ == "ConvVideoEncoder"
+    assert type(model).__name__ == "FrameVideoClassifier"
     logits = model(video=torch.zeros(2, 3, 8, 32, 32))
     assert logits.shape == (2, 16) and torch.isfinite(logits).all()
 
 
 def test_video_classifier_learns_motion_direction(ray_session, tmp_path):
     """Threshold: the task isolates motion direction (one shape, 4 directions, so chance is 25%); a
-    centroid tracker on the decoded frames gets 100%, and the micro 3D CNN reached 97.5% validation
-    accuracy after 240 steps of batch 16 in a single process. 60% is far above chance and leaves
-    margin for DDP, seeds and the EMA lag."""
+    centroid tracker on the decoded frames gets 100%, and so does the frame-difference CNN of the
+    shipped config (measured: 20/20 validation clips after 240 steps of 2 x 8, 3 runs). 90% leaves one
+    clip of margin for seeds and DDP."""
     spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
         "name=direction", f"data.synth.output_dir={tmp_path}/data", "data.synth.num_clips=200", "data.synth.seed=5",
         "data.synth.frames=8", "data.synth.height=32", "data.synth.width=32", "data.synth.shapes=[square]",
@@ -98,18 +98,12 @@ def test_video_classifier_learns_motion_direction(ray_session, tmp_path):
     assert m["train_loss"] < 0.8 * math.log(4)  # the loss fell well below chance level
 
 
-def test_text_to_video_trains_and_beats_its_first_evaluation(ray_session, tmp_path, tiny_dataset):
-    _, res = tiny_dataset
-    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/text_to_video.yaml"), [
-        "name=t2v", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
-        f"data.text.tokenizer_dir={tmp_path}/tok", "data.text.vocab_size=400", "data.text.caption_max_tokens=20",
-        "steps=60", "batch_size=4", "log_every_n_steps=10", "eval_every_n_steps=5", "checkpoint_every_n_steps=60",
-        "schedule.warmup_steps=5", "optim.lr=0.002", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
-    ])
-    out = run_training(spec)
-    hist = dict(out["val_history"]["val_psnr"])
-    first, last = hist[5], hist[60]
-    assert last > first + 1.0, hist  # the metric moves the right way
-    m = out["metrics"]
-    assert m["val_samples"] == 5 and "val_baseline_psnr" in m and 0.0 < m["val_ssim"] <= 1.0
-    assert m["frames_per_s"] > 0 and out["step"] == 60
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_forced_precision_is_kept_and_trains(ray_session, tmp_path, tiny_dataset, precision):
+    """`precision: auto` is the default; a config that names fp32 or bf16 gets exactly that (bf16 runs
+    under autocast even where it is emulated and slow), with the reason logged."""
+    out = run_training(lm_spec(tmp_path, tiny_dataset, name=f"p-{precision}", precision=precision, steps=6,
+                               checkpoint_every_n_steps=6, eval_every_n_steps=6))
+    assert out["precision"] == precision and out["precision_reason"] == "set in the config"
+    assert out["step"] == 6 and read_meta(out["checkpoint_uri"]).step == 6
+    assert math.isfinite(out["metrics"]["train_loss"]) and math.isfinite(out["metrics"]["val_loss"])

@@ -24,18 +24,29 @@ def _spec(*overrides):
 def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
     spec = _spec()
     units = plan_pipeline(spec)
-    assert [u.name for u in units] == ["data", "train.video_classifier", "train.text_to_video", "tune", "compress", "serve"]
+    assert [u.name for u in units] == ["data", "train.video_classifier", "train.video_text_matching", "train.text_to_video",
+                                       "tune", "compress", "evaluate.unseen", "serve"]
     synth = spec.data.synth.to_dict()
     by = {u.name: u for u in units}
-    for name in ("train.video_classifier", "train.text_to_video"):
+    for name in ("train.video_classifier", "train.video_text_matching", "train.text_to_video"):
         s = by[name].spec
         assert s.data.synth.to_dict() == synth and s.run_dir == "/tmp/hr_plan/train" and s.name == name.split(".")[1]
-    assert by["train.video_classifier"].spec.steps == 480 and by["train.video_classifier"].spec.data.video.cache  # the entry's override over the stage YAML
+    # the entries' overrides over the stage YAML; a training that reads another's model depends on it
+    t2v = by["train.text_to_video"]
+    assert t2v.spec.judge.model == "models:/video_classifier@champion" and t2v.spec.model.init_from.freeze
+    assert t2v.deps == ["data", "train.video_text_matching", "train.video_classifier"]
+    assert by["train.video_text_matching"].deps == ["data", "train.video_classifier"]
+    assert by["train.video_text_matching"].spec.model.init_from.target_prefix == "video."
+    # the evaluation's data: the pipeline's set drawn with another seed, in its own folder
+    ev = by["evaluate.unseen"]
+    assert ev.deps == ["train.video_classifier"] and ev.spec.synth.seed == 1 and ev.spec.synth.num_clips == 400
+    assert ev.spec.video.manifest == "data/quickstart_unseen/manifest.parquet"
+    assert ev.spec.text.tokenizer_dir == spec.data.text.tokenizer_dir  # the models' own tokenizer
     assert by["tune"].spec.train["data"]["synth"] == synth and by["tune"].spec.run_dir == "/tmp/hr_plan/tune"
     c = by["compress"].spec
     assert c.train.data.synth.to_dict() == synth and c.gate.alias == "champion" and c.teacher is None
     assert by["compress"].deps == ["train.video_classifier"]
-    assert by["serve"].deps == ["compress", "train.text_to_video", "tune"]
+    assert by["serve"].deps == ["compress", "train.text_to_video", "train.video_text_matching", "tune"]
 
 
 def test_smoke_sizes_apply_after_the_entry_overrides():
@@ -68,16 +79,26 @@ def test_a_bad_stage_config_fails_before_anything_runs_naming_stage_and_field():
     ("serve.generate=train.nope", "serve.generate"),
     ("stages=[data,compress]", "compress needs its teacher"),
     ("train.video_classifier.gate={metric: a, min_value: 1, max_value: 2}", "exactly one"),
+    ("evaluate.unseen.model=train.nope", "evaluate.unseen.model"),
 ])
 def test_pipeline_spec_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         _spec(override)
 
 
+def test_a_training_that_uses_a_later_entrys_model_is_refused():
+    with pytest.raises(ConfigError, match="comes later"):
+        plan_pipeline(_spec("train.video_classifier.overrides={model.init_from: {uri: 'models:/text_to_video@champion'}}"))
+
+
 def test_force_reruns_the_stage_and_everything_downstream():
     units = plan_pipeline(_spec())
-    assert downstream(units, ["train"]) == ["train.video_classifier", "train.text_to_video", "compress", "serve"]
+    assert downstream(units, ["train"]) == ["train.video_classifier", "train.video_text_matching", "train.text_to_video",
+                                            "compress", "evaluate.unseen", "serve"]
     assert downstream(units, ["train.text_to_video"]) == ["train.text_to_video", "serve"]
+    # a new classifier retrains what starts from it or is judged by it
+    assert downstream(units, ["train.video_classifier"]) == ["train.video_classifier", "train.video_text_matching",
+                                                             "train.text_to_video", "compress", "evaluate.unseen", "serve"]
     assert downstream(units, ["data"]) == [u.name for u in units]
     assert downstream(units, ["serve"]) == ["serve"]
     with pytest.raises(ConfigError, match="--force nope"):
