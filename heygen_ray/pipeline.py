@@ -513,6 +513,8 @@ class PipelineRun:
                                        "mlflow_run_id", "run_dir", "seconds")}
         out.update(task=spec.task, metric=metric_name, value=value, champion=bool(champion), passes_gate=passes,
                    gate="not applied (smoke)" if self.spec.smoke and self.spec.train[entry].gate else None,
+                   # the final validation metrics (raw and EMA): what the model learned, in results.json
+                   metrics={k: v for k, v in res["metrics"].items() if k.startswith("val_")},
                    champion_uri=f"models:/{res['registered_model_name']}@{self.spec.champion_alias}" if champion else None)
         return out, f"{metric_name}={value:.4g}" if isinstance(value, (int, float)) else None
 

@@ -33,7 +33,7 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     res = json.loads((out / "results.json").read_text())
     units = [row["stage"] for row in res["summary"]]
     assert units == ["data", "train.video_classifier", "train.video_text_matching", "train.text_to_video", "tune",
-                     "compress", "evaluate.unseen", "serve"]
+                     "compress", "evaluate.test", "evaluate.unseen", "serve"]
     assert all(row["status"] == "ran" for row in res["summary"]), res["summary"]
     assert res["stages"]["tune"]["trials"] == 2  # the quickstart's tune.smoke_overrides over the sweep's smoke sizes
     ledger = json.loads((out / "ledger.json").read_text())["units"]
@@ -68,6 +68,10 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
         assert str(mv.version) == str(o["model_version"])
     assert outs["compress"]["teacher_uri"].startswith("models:/video_classifier/")
     # the unseen clips: drawn with another seed beside the pipeline's data, no more than the smoke size
+    assert outs["evaluate.test"]["manifest"] == f"{tmp_path}/data/manifest.parquet"
+    # the trainings' final validation metrics are in results.json
+    assert {"val_ema_accuracy", "val_accuracy"} <= set(outs["train.video_classifier"]["metrics"])
+    assert "val_ema_judge_accuracy" in outs["train.text_to_video"]["metrics"]
     unseen = outs["evaluate.unseen"]
     assert unseen["manifest"] == f"{tmp_path}/data_unseen/manifest.parquet" and 0 < unseen["rows"] <= 48
     assert 0.0 <= unseen["metrics"]["accuracy"] <= 1.0 and unseen["checks"]["accuracy"]["min"] == 0.93
@@ -84,7 +88,7 @@ def test_pipeline_smoke_end_to_end_then_resubmission_skips_and_resumes(tmp_path)
     status = {row["stage"]: row["status"] for row in res2["summary"]}
     assert status == {"data": "skipped", "train.video_classifier": "skipped", "train.video_text_matching": "skipped",
                       "train.text_to_video": "resumed", "tune": "skipped", "compress": "skipped",
-                      "evaluate.unseen": "skipped", "serve": "ran"}, status
+                      "evaluate.test": "skipped", "evaluate.unseen": "skipped", "serve": "ran"}, status
     ledger2 = json.loads((out / "ledger.json").read_text())["units"]
     assert ledger2["train.text_to_video"]["status"] == "finished" and ledger2["train.text_to_video"]["resumed"]
     assert ledger2["train.text_to_video"]["outputs"]["mlflow_run_id"] == t2v_run

@@ -25,7 +25,7 @@ def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
     spec = _spec()
     units = plan_pipeline(spec)
     assert [u.name for u in units] == ["data", "train.video_classifier", "train.video_text_matching", "train.text_to_video",
-                                       "tune", "compress", "evaluate.unseen", "serve"]
+                                       "tune", "compress", "evaluate.test", "evaluate.unseen", "serve"]
     synth = spec.data.synth.to_dict()
     by = {u.name: u for u in units}
     for name in ("train.video_classifier", "train.video_text_matching", "train.text_to_video"):
@@ -38,6 +38,8 @@ def test_plan_validates_every_stage_and_owns_data_folders_and_alias():
     assert by["train.video_text_matching"].deps == ["data", "train.video_classifier"]
     assert by["train.video_text_matching"].spec.model.init_from.target_prefix == "video."
     # the evaluation's data: the pipeline's set drawn with another seed, in its own folder
+    test = by["evaluate.test"]  # no data_overrides: the pipeline's own manifest and its test split
+    assert test.deps == ["train.video_classifier"] and test.spec.synth.to_dict() == synth
     ev = by["evaluate.unseen"]
     assert ev.deps == ["train.video_classifier"] and ev.spec.synth.seed == 1 and ev.spec.synth.num_clips == 400
     assert ev.spec.video.manifest == "data/quickstart_unseen/manifest.parquet"
@@ -94,11 +96,11 @@ def test_a_training_that_uses_a_later_entrys_model_is_refused():
 def test_force_reruns_the_stage_and_everything_downstream():
     units = plan_pipeline(_spec())
     assert downstream(units, ["train"]) == ["train.video_classifier", "train.video_text_matching", "train.text_to_video",
-                                            "compress", "evaluate.unseen", "serve"]
+                                            "compress", "evaluate.test", "evaluate.unseen", "serve"]
     assert downstream(units, ["train.text_to_video"]) == ["train.text_to_video", "serve"]
     # a new classifier retrains what starts from it or is judged by it
     assert downstream(units, ["train.video_classifier"]) == ["train.video_classifier", "train.video_text_matching",
-                                                             "train.text_to_video", "compress", "evaluate.unseen", "serve"]
+                                                             "train.text_to_video", "compress", "evaluate.test", "evaluate.unseen", "serve"]
     assert downstream(units, ["data"]) == [u.name for u in units]
     assert downstream(units, ["serve"]) == ["serve"]
     with pytest.raises(ConfigError, match="--force nope"):
