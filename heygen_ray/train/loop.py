@@ -119,13 +119,24 @@ def choose_precision(spec: TrainSpec, model: nn.Module, task: Task, info: DataIn
     """Resolve ``spec.precision`` (``auto``: CPU flags, then a probe of this model's own step at
     the training batch size). Every rank takes rank 0's answer, so all workers train alike."""
     batch = {k: v.to(device) for k, v in task.example_batch(info, spec.batch_size).items()}
-    inputs, targets = task.inputs(batch)
+    inputs, _ = task.inputs(batch)
     inputs = {**inputs, **task.forward_kwargs}
 
-    def probe() -> float:
-        return probe_bf16_speedup(model, inputs, lambda out: task.loss(out, targets), device.type)
+    def surrogate(out: Any) -> torch.Tensor:
+        # the probe times the model's forward and backward; a task loss may involve more than the
+        # model (a GAN's discriminator), so every float output is reduced the same way instead
+        if isinstance(out, torch.Tensor):
+            return out.float().pow(2).mean()
+        values = out.values() if isinstance(out, Mapping) else out
+        return sum(v.float().pow(2).mean() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
 
-    choice = resolve_precision(spec.precision, device, probe=probe)
+    def probe() -> float:
+        return probe_bf16_speedup(model, inputs, surrogate, device.type)
+
+    try:
+        choice = resolve_precision(spec.precision, device, probe=probe)
+    except RuntimeError as err:  # a model the probe cannot run in bf16 trains in fp32
+        choice = PrecisionChoice("fp32", spec.precision, f"bf16 probe failed: {str(err).splitlines()[0][:200]}")
     if world > 1 and spec.precision == "auto":
         import torch.distributed as dist
 
