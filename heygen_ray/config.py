@@ -1,6 +1,6 @@
 """Validated specs for every stage: YAML + dotted overrides -> one pydantic spec.
 
-Conventions (see DESIGN.md):
+Conventions:
 * Every spec is a pydantic model with ``extra="forbid"`` and ``strict=True``: a misspelled key, a
   float where an int is wanted ("8.0" from a sweep sampler) or a string where a number is wanted
   fails before anything runs.

@@ -6,7 +6,7 @@ pruned, and on transformers the layers that write into the residual stream (patc
 attention output projection, FFN second layer) keep their width, so what goes is whole attention
 heads and FFN hidden units; on 3D CNNs Conv3d output channels (with their GroupNorm/BatchNorm and
 the next layer's inputs). Channel counts are rounded to `round_to` (8 by default: odd widths lose
-most of the speed-up on oneDNN, COMPRESSION-NOTES §3.2).
+most of the speed-up on oneDNN).
 
 A pruned model no longer matches its registry preset, so its shapes are recorded as an
 *architecture* (plain JSON: per-module widths and head counts, per-tensor shapes) that

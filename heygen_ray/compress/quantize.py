@@ -1,6 +1,6 @@
 """Low-precision variants for CPU inference: bf16 (always, the honest baseline), int8, export.
 
-Which path is fast depends on the CPU (COMPRESSION-NOTES §2.3): eager torchao int8 is *slower* than
+Which path is fast depends on the CPU: eager torchao int8 is *slower* than
 fp32; int8 pays only through Inductor (`torch.compile`, with *freezing* for the pt2e path). The
 x86 int8 quantizer annotates Linear and Conv1d/2d, never Conv3d, so on a 3D CNN int8 touches only
 the classifier: there the candidates are bf16 with channels_last_3d, and fp32 compiled with
@@ -69,7 +69,7 @@ class CastInputs(nn.Module):
 class FrozenCompiled(nn.Module):
     """``torch.compile`` with Inductor *freezing* switched on around every call (weights become
     constants; required for the pt2e int8 kernels; a per-call ``options={"freezing": True}`` fails
-    on int8, COMPRESSION-NOTES §2.3). The switch is scoped, so other compiled code is untouched."""
+    on int8). The switch is scoped, so other compiled code is untouched."""
 
     def __init__(self, module: nn.Module, freezing: bool = True) -> None:
         super().__init__()

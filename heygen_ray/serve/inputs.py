@@ -1,6 +1,6 @@
 """Getting a request's inputs safely: body caps, content types, multipart, video URIs, frame counts.
 
-Serve puts no limit on request bodies (RAY-NOTES §0.9): :func:`read_body` refuses a body over the cap
+Serve puts no limit on request bodies: :func:`read_body` refuses a body over the cap
 from its Content-Length, and counts the bytes of one sent without it as they arrive. Multipart is
 parsed with the standard library's email parser (no extra dependency).
 """

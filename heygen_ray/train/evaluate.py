@@ -60,7 +60,7 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
     import torch
 
     from heygen_ray.config import TrainSpec
-    from heygen_ray.tracking import load_model_and_config, recorded, recorded_data_info, resolve_model_uri
+    from heygen_ray.tracking import load_model_and_config, load_model_config, recorded, recorded_data_info, resolve_model_uri
     from heygen_ray.train.loop import evaluate, load_judge, task_for
     from heygen_ray.train.precision import amp_dtype
 
@@ -70,15 +70,17 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
 
         generate_dataset(data.synth)
     try:
-        model, cfg = load_model_and_config(model_uri, tracking_uri=tracking_uri)
+        cfg = load_model_config(model_uri, tracking_uri=tracking_uri)
+        extra = cfg.get("extra") or {}
+        served_as_is = bool(extra.get("int8_artifact")) or cfg.get("dtype") == "bfloat16"
+        if served_as_is and model_uri.startswith("models:/"):
+            from heygen_ray.serve.loader import load_variant  # a compressed int8/bf16 variant: scored as it is served
+
+            model, _ = load_variant(model_uri, tracking_uri=tracking_uri, compile_int8=False)
+        else:
+            model, _ = load_model_and_config(model_uri, tracking_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 (unknown name, alias or path)
         raise ConfigError(f"--model: cannot load {model_uri!r}: {err}") from None
-    extra = cfg.get("extra") or {}
-    served_as_is = bool(extra.get("int8_artifact")) or cfg.get("dtype") == "bfloat16"
-    if served_as_is and model_uri.startswith("models:/"):
-        from heygen_ray.serve.loader import load_variant  # a compressed int8/bf16 variant: scored as it is served
-
-        model, _ = load_variant(model_uri, tracking_uri=tracking_uri, compile_int8=False)
     task_name = recorded(cfg, "task", tracking_uri=tracking_uri)
     if not task_name:
         raise ConfigError(f"--model: {model_uri} records no task (was it logged by heygen-ray training?)")

@@ -1,6 +1,6 @@
 """The sweep launcher: a Ray Tune Tuner over a function trainable that runs one training job per trial.
 
-Train V2 (RAY-NOTES section 2): Tune cannot drive a TorchTrainer directly; each trial runs
+Train V2: Tune cannot drive a TorchTrainer directly; each trial runs
 :func:`run_trial`, which calls the training driver with Tune's ``TuneReportCallback``. Every
 ``ray.train.report`` of rank 0 (one per evaluation: trials checkpoint at their eval cadence) reaches
 Tune as a result carrying ``step``, the validation metrics and ``model_gflops``; ASHA counts time in
