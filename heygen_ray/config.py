@@ -447,6 +447,9 @@ class InitFromSpec(Spec):
     source_prefix: str = ""
     target_prefix: str = ""
     freeze: bool = Field(default=False, description="keep the copied parameters fixed while training")
+    lr_scale: float = Field(default=1.0, gt=0.0, le=1.0, description="learning-rate multiplier of the copied "
+                            "parameters (fine-tune them gently: a full learning rate can undo in a few steps "
+                            "what the source learned)")
 
 
 class ModelSpec(Spec):
@@ -508,6 +511,12 @@ class VideoLossSpec(Spec):
     aligned_pixel_loss_weight: float = Field(default=0.0, ge=0.0, description="pixel loss against the target "
                                              "translated so its object lies on the generated one (the caption "
                                              "leaves the exact place open; this lets the object be drawn sharp)")
+    alignment: Literal["clip", "frame"] = Field(default="clip", description="one translation per clip, or one per "
+                                                "frame (also forgives where a sampled frame puts the object on its path)")
+    alignment_search: int = Field(default=0, ge=0, le=8, description="refine each translation by the best-matching "
+                                  "one within this many pixels (a centroid is pulled off the object by distractors)")
+    trajectory_loss_weight: float = Field(default=0.0, ge=0.0, description="squared distance between a sprite "
+                                          "generator's path and the target object's (needs a sprite generator)")
 
 
 class DiscriminatorSpec(Spec):

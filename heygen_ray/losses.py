@@ -8,7 +8,8 @@ Videos are float (B, C, T, H, W) in [-1, 1], so the default `data_range` of SSIM
 - `DistillationLoss`: Hinton et al. 2015 temperature-scaled KL (x T^2) mixed with the hard-label
   cross-entropy by alpha, plus an optional hidden-state (FitNets-style) MSE term.
 - `VideoGenerationLoss`: pixel L1/MSE (optionally foreground-weighted, and optionally against the
-  target translated onto the generated object: `aligned_target`) + weight-free perceptual term
+  target translated onto the generated object, per clip or per frame: `aligned_target`) + a
+  trajectory term for generators that say where they drew their object + weight-free perceptual term
   ((1 - SSIM) + image-gradient L1) + temporal consistency (L1 between frame differences) + optional
   3D-FFT L1 + optional adversarial hinge term with `PatchDiscriminator3D`.
 
@@ -186,36 +187,108 @@ def weighted_pixel_loss(prediction: torch.Tensor, target: torch.Tensor, foregrou
     return (err * w).sum() / w.sum()
 
 
-def object_centroid(video: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, 2): the (x, y) pixel centroid of what differs most from the background
-    (pixels at least half as far from it as the farthest one of their frame), averaged over frames."""
+def object_centroids(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, T, 2): per frame, the (x, y) pixel centroid of what differs most from the
+    background (pixels at least half as far from it as the farthest one of their frame; x, y are pixel
+    indices). Differentiable in the pixel values (the selection of pixels is not)."""
     dist = (video - clip_background(video)).norm(dim=1)  # (B, T, H, W)
-    peak = dist.flatten(2).amax(dim=-1)[..., None, None]
+    peak = dist.detach().flatten(2).amax(dim=-1)[..., None, None]
     w = torch.where(dist >= 0.5 * peak, dist, torch.zeros_like(dist))
     h, wd = video.shape[-2:]
     ys = torch.arange(h, device=video.device, dtype=video.dtype)[:, None]
     xs = torch.arange(wd, device=video.device, dtype=video.dtype)[None, :]
     mass = w.sum(dim=(2, 3)).clamp_min(1e-6)  # (B, T)
-    cx, cy = (w * xs).sum(dim=(2, 3)) / mass, (w * ys).sum(dim=(2, 3)) / mass
-    return torch.stack([cx.mean(dim=1), cy.mean(dim=1)], dim=1)
+    return torch.stack([(w * xs).sum(dim=(2, 3)) / mass, (w * ys).sum(dim=(2, 3)) / mass], dim=-1)
+
+
+def object_centroid(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, 2): `object_centroids` averaged over frames."""
+    return object_centroids(video).mean(dim=1)
+
+
+def shift_frames(video: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Translate each frame by integer (dx[b, t], dy[b, t]) pixels (right / down), repeating the edge
+    pixels into the gap: (B, C, T, H, W) -> same shape."""
+    b, c, t, h, w = video.shape
+    ys = (torch.arange(h, device=video.device)[None, None, :] - dy.long()[..., None]).clamp(0, h - 1)  # (B, T, H)
+    xs = (torch.arange(w, device=video.device)[None, None, :] - dx.long()[..., None]).clamp(0, w - 1)  # (B, T, W)
+    out = video.gather(3, ys[:, None, :, :, None].expand(b, c, t, h, w))
+    return out.gather(4, xs[:, None, :, None, :].expand(b, c, t, h, w))
 
 
 def shift_clips(video: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Translate each clip by integer (dx[b], dy[b]) pixels (right / down), repeating the edge pixels
-    into the gap: (B, C, T, H, W) -> same shape."""
-    b, c, t, h, w = video.shape
-    ys = (torch.arange(h, device=video.device)[None, :] - dy.long()[:, None]).clamp(0, h - 1)  # (B, H)
-    xs = (torch.arange(w, device=video.device)[None, :] - dx.long()[:, None]).clamp(0, w - 1)  # (B, W)
-    out = video.gather(3, ys[:, None, None, :, None].expand(b, c, t, h, w))
-    return out.gather(4, xs[:, None, None, None, :].expand(b, c, t, h, w))
+    """Translate each clip by integer (dx[b], dy[b]) pixels (right / down), every frame alike, repeating
+    the edge pixels into the gap: (B, C, T, H, W) -> same shape."""
+    t = video.shape[2]
+    return shift_frames(video, dx[:, None].expand(-1, t), dy[:, None].expand(-1, t))
 
 
-def aligned_target(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The target translated so that its object's centroid falls on the prediction's (rounded to
-    whole pixels, one shift per clip; no gradient flows through the alignment)."""
+def best_shift(prediction: torch.Tensor, target: torch.Tensor, radius: int, per: str = "frame") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The integer translation (dx, dy), |dx|, |dy| <= radius, that brings ``target`` closest to
+    ``prediction`` in squared error (edge pixels repeated), per frame or per clip: -> (B, T) each.
+
+    ||p - s||^2 = ||p||^2 - 2 <p, s> + ||s||^2 for every shift s at once: the cross term is a grouped
+    convolution of the padded target with the prediction as kernel, ||s||^2 one with a box of ones."""
+    b, c, t, h, w = target.shape
+    k = int(radius)
+    if k <= 0:
+        zero = torch.zeros(b, t, dtype=torch.long, device=target.device)
+        return zero, zero
+    n = b * t * c
+    p = prediction.detach().float().transpose(1, 2).reshape(1, n, h, w)
+    s = F.pad(target.detach().float().transpose(1, 2).reshape(1, n, h, w), (k, k, k, k), mode="replicate")
+    cross = F.conv2d(s, p.reshape(n, 1, h, w), groups=n)  # (1, n, 2k+1, 2k+1)
+    energy = F.conv2d(s * s, torch.ones(n, 1, h, w, device=s.device), groups=n)
+    score = (energy - 2.0 * cross).view(b, t, c, 2 * k + 1, 2 * k + 1).sum(dim=2)  # (B, T, 2k+1, 2k+1)
+    if per == "clip":
+        score = score.sum(dim=1, keepdim=True).expand(b, t, -1, -1)
+    j = score.flatten(2).argmin(dim=-1)  # (B, T)
+    # output (i, j) compares the prediction with the padded target's window at (i, j): the target
+    # shifted by (k - j, k - i) pixels right / down
+    return k - j % (2 * k + 1), k - j // (2 * k + 1)
+
+
+def aligned_target(prediction: torch.Tensor, target: torch.Tensor, per: str = "clip", search: int = 0,
+                   anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The target translated so that its object falls on the prediction's (no gradient flows through
+    the alignment). ``per`` "clip": one shift per clip (the target's centroid averaged over frames
+    onto the prediction's); "frame": one per frame, which also forgives where a randomly sampled
+    training frame puts the object along its path. ``anchor`` (B, T, 2): where the generated object
+    is, in pixels (a generator's own trajectory); default the prediction's object centroids.
+    ``search`` > 0 then refines each shift by the translation within that many pixels that matches
+    the prediction best: a centroid is pulled off the object by anything else that stands out (the
+    embedded set's grey distractors), the best match is not."""
+    if per not in ("clip", "frame"):
+        raise ValueError(f"per must be 'clip' or 'frame', got {per!r}")
     with torch.no_grad():
-        d = (object_centroid(prediction.detach().float()) - object_centroid(target.float())).round()
-    return shift_clips(target, d[:, 0], d[:, 1])
+        here = object_centroids(prediction.detach().float()) if anchor is None else anchor.detach().float()
+        d = here - object_centroids(target.float())  # (B, T, 2)
+        if per == "clip":
+            d = d.mean(dim=1, keepdim=True).expand_as(d)
+        d = d.round().long()
+        out = shift_frames(target, d[..., 0], d[..., 1])
+        if search > 0:
+            ex, ey = best_shift(prediction, out, search, per)
+            out = shift_frames(target, d[..., 0] + ex, d[..., 1] + ey)
+    return out
+
+
+def trajectory_pixels(trajectory: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A trajectory in normalised coordinates (B, T, 2), (-1, -1) the top-left corner of the frame and
+    (1, 1) the bottom-right one (``F.grid_sample`` with align_corners=False), as pixel indices."""
+    scale = torch.tensor([width / 2.0, height / 2.0], device=trajectory.device, dtype=trajectory.dtype)
+    return (trajectory + 1.0) * scale - 0.5
+
+
+def trajectory_loss(trajectory: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance, in normalised coordinates (see `trajectory_pixels`), between a
+    generator's object path (B, T, 2) and the path of the target's object (`object_centroids`)."""
+    h, w = target.shape[-2:]
+    with torch.no_grad():
+        c = object_centroids(target.float())  # (B, T, 2) pixels
+        scale = torch.tensor([w / 2.0, h / 2.0], device=c.device)
+        goal = (c + 0.5) / scale - 1.0
+    return (trajectory.float() - goal).pow(2).sum(dim=-1).mean()
 
 
 def dominant_colour(video: torch.Tensor, palette: torch.Tensor, share: float = 0.02, min_contrast: float = 0.05,
@@ -247,7 +320,8 @@ def dominant_colour(video: torch.Tensor, palette: torch.Tensor, share: float = 0
 class VideoGenerationLoss(nn.Module):
     """Weighted sum of pixel, perceptual, temporal-consistency, (frequency) and adversarial terms.
 
-    total = pixel_loss_weight * pixel + perceptual_loss_weight * ((1 - SSIM) + gradient L1)
+    total = pixel_loss_weight * pixel + aligned_pixel_loss_weight * pixel against `aligned_target`
+            + trajectory_loss_weight * `trajectory_loss` + perceptual_loss_weight * ((1 - SSIM) + gradient L1)
             + temporal_consistency_weight * temporal + frequency_loss_weight * fft L1
             + adversarial_loss_weight * generator hinge (from step >= adversarial_start_step)
 
@@ -272,9 +346,16 @@ class VideoGenerationLoss(nn.Module):
         discriminator: Optional[nn.Module] = None,
         foreground_weight: float = 0.0,
         aligned_pixel_loss_weight: float = 0.0,
+        alignment: str = "clip",
+        alignment_search: int = 0,
+        trajectory_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.foreground_weight, self.aligned_pixel_loss_weight = foreground_weight, aligned_pixel_loss_weight
+        if alignment not in ("clip", "frame"):
+            raise ValueError(f"alignment must be 'clip' or 'frame', got {alignment!r}")
+        self.alignment, self.alignment_search = alignment, int(alignment_search)
+        self.trajectory_loss_weight = trajectory_loss_weight
         if pixel_loss not in ("l1", "mse"):
             raise ValueError(f"pixel_loss must be 'l1' or 'mse', got {pixel_loss!r}")
         self.pixel_loss_weight, self.perceptual_loss_weight = pixel_loss_weight, perceptual_loss_weight
@@ -287,17 +368,27 @@ class VideoGenerationLoss(nn.Module):
         self.discriminator = discriminator
 
     def forward(
-        self, prediction: torch.Tensor, target: torch.Tensor, step: Optional[int] = None
+        self, prediction: torch.Tensor, target: torch.Tensor, step: Optional[int] = None,
+        trajectory: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Components]:
-        """prediction, target: (B, C, T, H, W). Returns (total, detached components)."""
+        """prediction, target: (B, C, T, H, W); ``trajectory`` (B, T, 2): where the generator drew its
+        object (normalised, see `trajectory_pixels`), from a generator that has one. It anchors the
+        alignment and is what the trajectory term supervises. Returns (total, detached components)."""
+        if self.trajectory_loss_weight > 0 and trajectory is None:
+            raise ValueError("loss.trajectory_loss_weight > 0 needs a generator that reports its object's trajectory "
+                             "(a sprite generator, e.g. text_to_video_sprite_micro)")
         pred, tgt = prediction.float(), target.float()
         pixel = weighted_pixel_loss(pred, tgt, self.foreground_weight, self.pixel_loss)
         total = self.pixel_loss_weight * pixel
         parts = {"pixel": pixel}
         if self.aligned_pixel_loss_weight > 0:
-            parts["aligned_pixel"] = weighted_pixel_loss(pred, aligned_target(pred, tgt), self.foreground_weight,
-                                                         self.pixel_loss)
+            anchor = None if trajectory is None else trajectory_pixels(trajectory.detach().float(), *pred.shape[-2:])
+            aligned = aligned_target(pred, tgt, self.alignment, self.alignment_search, anchor)
+            parts["aligned_pixel"] = weighted_pixel_loss(pred, aligned, self.foreground_weight, self.pixel_loss)
             total = total + self.aligned_pixel_loss_weight * parts["aligned_pixel"]
+        if self.trajectory_loss_weight > 0:
+            parts["trajectory"] = trajectory_loss(trajectory, tgt)
+            total = total + self.trajectory_loss_weight * parts["trajectory"]
         if self.perceptual_loss_weight > 0:
             parts["ssim"] = ssim(pred, tgt, self.data_range, self.ssim_window_size, self.ssim_sigma)
             parts["gradient"] = image_gradient_loss(pred, tgt)
@@ -468,4 +559,5 @@ __all__ = [
     "similarity_preserving_loss",
     "ssim",
     "temporal_consistency_loss",
+    "trajectory_loss",
 ]

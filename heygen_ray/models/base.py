@@ -92,8 +92,16 @@ class ModelBase(nn.Module):
             meta = {name: torch.empty_like(t, device="meta") for name, t in self.named_parameters()}
             meta.update({name: torch.empty_like(t, device="meta") for name, t in self.named_buffers()})
             meta_inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                torch.func.functional_call(self, meta, args=(), kwargs=meta_inputs)
+            # counted in eval mode (the forward that serves): a training-mode BatchNorm1d cannot take
+            # the one-sample batch this is usually asked about
+            modes = {m: m.training for m in self.modules()}
+            self.eval()
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    torch.func.functional_call(self, meta, args=(), kwargs=meta_inputs)
+            finally:
+                for m, training in modes.items():
+                    m.training = training
             self._flops_cache[key] = int(counter.get_total_flops())
         return self._flops_cache[key] // batch
 

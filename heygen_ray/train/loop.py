@@ -23,7 +23,7 @@ from torch import nn
 from heygen_ray.config import ConfigError, TrainSpec
 from heygen_ray.train.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, read_meta
 from heygen_ray.train.ema import make_ema
-from heygen_ray.train.precision import PrecisionChoice, probe_bf16_speedup, resolve_precision
+from heygen_ray.train.precision import PrecisionChoice, probe_bf16_speedup, read_choice, resolve_precision, write_choice
 from heygen_ray.train.precision import amp_dtype as precision_dtype
 from heygen_ray.train.schedule import build_scheduler
 from heygen_ray.train.tasks import DataInfo, Task, get_task
@@ -33,16 +33,24 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "HEYGEN_FAULT"  # "rank:step": kill that rank at that optimizer step (first attempt only)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: Optional[Mapping[str, float]] = None) -> List[Dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norm weights, embeddings, tokens and position tables
-    (every parameter with fewer than 2 dims, plus names that say so)."""
-    decay, no_decay = [], []
+    (every parameter with fewer than 2 dims, plus names that say so). ``lr_scales``: parameter name
+    -> learning-rate multiplier (warm-started weights fine-tuned gently); each group carries its
+    ``lr_scale`` (1.0 by default), which `schedule_at` applies."""
+    groups: Dict[Tuple[bool, float], List[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "relative_position_bias_table", "embedding", "rel_bias"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = float((lr_scales or {}).get(name, 1.0))
+        groups.setdefault((not skip, scale), []).append(p)
+    out = []
+    for decay in (True, False):  # the decayed group first, as before (checkpointed optimizer states)
+        for (d, scale), params in sorted(groups.items(), key=lambda kv: -kv[0][1]):
+            if d == decay:
+                out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
+    return out
 
 
 def model_overrides(spec: TrainSpec, task: Task, info: DataInfo) -> Dict[str, Any]:
@@ -115,9 +123,33 @@ def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
 
 
 def choose_precision(spec: TrainSpec, model: nn.Module, task: Task, info: DataInfo, device: torch.device,
-                     world: int) -> PrecisionChoice:
+                     world: int, record: Optional[str] = None) -> PrecisionChoice:
     """Resolve ``spec.precision`` (``auto``: CPU flags, then a probe of this model's own step at
-    the training batch size). Every rank takes rank 0's answer, so all workers train alike."""
+    the training batch size). Rank 0 decides and every rank takes its answer, so all workers train
+    alike. ``record``: a file where rank 0 keeps the run's choice; a later attempt of the run (a
+    retry after a failure, a resume) takes it from there instead of probing again, so it trains in
+    the precision its checkpoints were made in and logs the same run params."""
+    import torch.distributed as dist
+
+    shared = world > 1 and spec.precision == "auto"
+    rank = dist.get_rank() if shared else 0
+    choice: Optional[PrecisionChoice] = None
+    if rank == 0:
+        choice = read_choice(record, spec.precision) if record else None
+        if choice is None:
+            choice = _resolve(spec, model, task, info, device)
+            if record:
+                write_choice(record, choice)
+    if shared:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if spec.precision == "auto":
+        log.warning("precision auto -> %s (%s)", choice.precision, choice.reason)
+    return choice
+
+
+def _resolve(spec: TrainSpec, model: nn.Module, task: Task, info: DataInfo, device: torch.device) -> PrecisionChoice:
     batch = {k: v.to(device) for k, v in task.example_batch(info, spec.batch_size).items()}
     inputs, _ = task.inputs(batch)
     inputs = {**inputs, **task.forward_kwargs}
@@ -134,18 +166,9 @@ def choose_precision(spec: TrainSpec, model: nn.Module, task: Task, info: DataIn
         return probe_bf16_speedup(model, inputs, surrogate, device.type)
 
     try:
-        choice = resolve_precision(spec.precision, device, probe=probe)
+        return resolve_precision(spec.precision, device, probe=probe)
     except RuntimeError as err:  # a model the probe cannot run in bf16 trains in fp32
-        choice = PrecisionChoice("fp32", spec.precision, f"bf16 probe failed: {str(err).splitlines()[0][:200]}")
-    if world > 1 and spec.precision == "auto":
-        import torch.distributed as dist
-
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        choice = box[0]
-    if spec.precision == "auto":
-        log.warning("precision auto -> %s (%s)", choice.precision, choice.reason)
-    return choice
+        return PrecisionChoice("fp32", spec.precision, f"bf16 probe failed: {str(err).splitlines()[0][:200]}")
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -202,7 +225,7 @@ def schedule_at(opt: torch.optim.Optimizer, spec: TrainSpec, step: int, optim: A
 
     optim, schedule = optim or spec.optim, schedule or spec.schedule
     for group in opt.param_groups:
-        group["lr"] = optim.lr
+        group["lr"] = optim.lr * group.get("lr_scale", 1.0)
         group.pop("initial_lr", None)
     sched = build_scheduler(opt, kind=schedule.kind, total_steps=spec.steps, warmup_steps=schedule.warmup_steps,
                             warmup_start_factor=schedule.warmup_start_factor, min_lr_ratio=schedule.min_lr_ratio)
@@ -236,7 +259,7 @@ def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches:
             loss = task.loss(out, targets, step=step) / k
             scaler.scale(loss).backward()
         if collect is not None:
-            collect.append((out.detach(), targets))
+            collect.append((task.prediction(out).detach(), targets))
         total += float(loss.detach()) * k
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), clip_norm or float("inf"))
@@ -321,10 +344,13 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     ema = make_ema(model, spec.ema.decay, spec.ema.warmup) if spec.ema.enabled else None
     if hasattr(task, "attach_student"):
         task.attach_student(model)
-    opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
+    scales = None
+    if warm is not None and spec.model.init_from.lr_scale != 1.0:
+        scales = {name: spec.model.init_from.lr_scale for name in warm.copied}
+    opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay, scales), lr=spec.optim.lr,
                             betas=(spec.optim.beta1, spec.optim.beta2), eps=spec.optim.eps)
     sched = schedule_at(opt, spec, 0)
-    choice = choose_precision(spec, model, task, info, device, world)
+    choice = choose_precision(spec, model, task, info, device, world, os.path.join(config["run_dir"], "precision.json"))
     precision = choice.precision
     use_fp16 = precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
@@ -374,7 +400,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
     if spec.compile:
         model = torch.compile(model)
     tracker = track.attach(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
-    if resumed_from is None:  # a resumed run logged its choice already (params cannot change)
+    if resumed_from is None:  # a resumed run logged its choice already (a retry logs the same values again)
         tracker.log_params(choice.to_params())
         if warm is not None:
             tracker.log_params({"init_from": spec.model.init_from.uri, **warm.summary()})

@@ -14,6 +14,8 @@ Pure PyTorch, no Ray: the training loop calls `resolve_precision` and logs the d
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, FrozenSet, Mapping, Optional
@@ -107,6 +109,29 @@ def resolve_precision(requested: str, device: torch.device, *, flags: Optional[F
     if speedup >= MIN_SPEEDUP:
         return PrecisionChoice("bf16", requested, f"CPU has {support}; bf16 step {speedup:.2f}x fp32", speedup)
     return PrecisionChoice("fp32", requested, f"CPU has {support} but bf16 step was only {speedup:.2f}x fp32", speedup)
+
+
+def read_choice(path: str, requested: str) -> Optional[PrecisionChoice]:
+    """The choice recorded at ``path`` by an earlier attempt of the same run, when it answered the same
+    request (None: no record, an unreadable one, or one for another request)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        choice = PrecisionChoice(**d)
+    except (OSError, ValueError, TypeError):
+        return None
+    return choice if choice.requested == requested else None
+
+
+def write_choice(path: str, choice: PrecisionChoice) -> None:
+    """Record ``choice`` for the run's later attempts (a retry after a failure, a resume): they train
+    in the precision the checkpoints were made in, and log the same run params (MLflow refuses a
+    changed param, and a second probe can measure differently)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(choice), f)
+    os.replace(tmp, path)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

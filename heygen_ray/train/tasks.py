@@ -61,6 +61,10 @@ class Task:
     def loss(self, outputs: Any, targets: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def prediction(self, outputs: Any) -> torch.Tensor:
+        """The model's prediction among its training/eval outputs (all of them for most tasks)."""
+        return outputs
+
     def new_metrics(self, info: DataInfo) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -231,10 +235,14 @@ class CaptionedClipTask(Task):
 class TextToVideoTask(CaptionedClipTask):
     """Caption -> clip. Loss: VideoGenerationLoss (pixel + weight-free perceptual + temporal).
     Metrics: PSNR, SSIM and temporal consistency (L1 between consecutive-frame differences), and the
-    same for a baseline that always predicts the mean training clip, so progress is visible."""
+    same for a baseline that always predicts the mean training clip, so progress is visible.
+
+    Training and evaluation run the model with ``outputs="all"``: {"video", "trajectory"} (a sprite
+    generator's object path, which anchors the aligned pixel loss and feeds the trajectory term)."""
 
     name = "text_to_video"
     primary_metric = "psnr"
+    forward_kwargs = {"outputs": "all"}
     OVERRIDES = (("vocab_size", "vocab_size"), ("max_sequence_length", "caption_tokens"), ("max_frames", "clip_frames"),
                  ("video_height", "height"), ("video_width", "width"))
 
@@ -266,7 +274,11 @@ class TextToVideoTask(CaptionedClipTask):
         return {"input_ids": batch["caption_ids"], "attention_mask": batch["caption_mask"]}, video_to_float(batch["video"])
 
     def loss(self, outputs, targets, step=None):
-        return self.criterion(outputs, targets, step=step)[0]
+        trajectory = outputs.get("trajectory") if isinstance(outputs, dict) else None
+        return self.criterion(self.prediction(outputs), targets, step=step, trajectory=trajectory)[0]
+
+    def prediction(self, outputs):
+        return outputs["video"] if isinstance(outputs, dict) else outputs
 
     def discriminator_loss(self, outputs: torch.Tensor, targets: torch.Tensor, discriminator: torch.nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Hinge loss of ``discriminator`` (the DDP-wrapped one while training) on real clips vs
@@ -287,7 +299,7 @@ class TextToVideoTask(CaptionedClipTask):
         return state
 
     def update_metrics(self, state, outputs, targets, batch=None):
-        pred, tgt = outputs.detach().float().clamp(-1, 1), targets.float()
+        pred, tgt = self.prediction(outputs).detach().float().clamp(-1, 1), targets.float()
         preds = {"": pred}
         if state["mean_clip"] is not None:
             preds["baseline_"] = state["mean_clip"].to(tgt.device).unsqueeze(0).expand_as(tgt)

@@ -94,17 +94,20 @@ def test_the_matcher_warm_starts_from_the_classifier_and_retrieves(chain):
 
 
 def test_text_to_video_draws_the_caption_and_is_judged(chain):
-    """Measured at this size (336 training clips, 240 steps of 2 x 8): the judge recognises the
-    caption's direction in 40% / 75% / 100% of the generated clips at steps 80 / 160 / 240 (chance
-    25%) while PSNR climbs 17.6 -> 18.3 dB; shape and colour need the quickstart's size and steps
-    (README). The judge itself knows every real clip, and the colour check every real object."""
+    """Measured at this size (336 training clips, 240 steps of 2 x 8, the sprite generator on the
+    frozen matcher's text tower): the judge recognises the caption's direction in 90% / 97% / 97% of
+    the generated clips at steps 80 / 160 / 240 (chance 25%) and shape x direction in 26% / 38% / 47%
+    (chance 6.25%), while PSNR climbs 18.1 -> 19.1 dB (the mean clip: 18.7 dB); colour needs the
+    quickstart's size and steps (README). The judge itself knows every real clip, and the colour
+    check every real object."""
     res = chain["t2v"]
     m = res["metrics"]
     hist = dict(res["val_history"]["val_ema_psnr"])
     assert hist[240] > hist[80], hist  # the metric moves the right way
     assert m["val_ema_samples"] == 72 and 0.0 < m["val_ema_ssim"] <= 1.0 and m["frames_per_s"] > 0
     assert m["val_ema_judge_chance"] == pytest.approx(1 / 16)
-    assert m["val_ema_judge_direction_accuracy"] >= 0.7, m  # margin for another CPU (fp32 where bf16 ran here)
+    assert m["val_ema_judge_direction_accuracy"] >= 0.8, m  # margin for another CPU (fp32 where bf16 ran here)
+    assert m["val_ema_judge_accuracy"] >= 0.3, m  # shape x direction: 5x chance
     assert m["val_ema_judge_real_accuracy"] >= 0.9 and m["val_ema_colour_real_accuracy"] >= 0.9, m
 
 

@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 from heygen_ray.losses import (
     DistillationLoss, PatchDiscriminator3D, VideoGenerationLoss, aligned_target, clip_background,
     discriminator_hinge_loss, foreground_mask, frequency_loss, generator_hinge_loss, image_gradient_loss, kd_loss,
-    dominant_colour, object_centroid, psnr, shift_clips, ssim, temporal_consistency_loss, weighted_pixel_loss,
+    best_shift, dominant_colour, object_centroid, object_centroids, psnr, shift_clips, shift_frames, ssim,
+    temporal_consistency_loss, trajectory_loss, trajectory_pixels, weighted_pixel_loss,
 )
 
 
@@ -307,6 +308,113 @@ def test_aligned_pixel_loss_forgives_where_the_object_is_but_not_what_it_is():
     assert VideoGenerationLoss(pixel_loss="mse", perceptual_loss_weight=0.0, temporal_consistency_weight=0.0)(moved, target)[0] > 0.01
     recoloured = square_clip(13, 4, fg=(-0.2, 0.8, 0.1))
     assert crit(recoloured, target)[0] > 0.01
+
+
+def jittered_clip(xs, ys, size: int = 5, bg: float = -0.6, fg=(0.8, -0.2, 0.1), distractor=None) -> torch.Tensor:
+    """(1, 3, T, 32, 32): a square of ``size`` with its top-left corner at (xs[t], ys[t]) in frame t;
+    ``distractor`` (x, y, size, grey) adds a still grey square."""
+    clip = torch.full((1, 3, len(xs), 32, 32), bg)
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        if distractor is not None:
+            dx, dy, ds, grey = distractor
+            clip[0, :, t, dy:dy + ds, dx:dx + ds] = grey
+        for c, v in enumerate(fg):
+            clip[0, c, t, y:y + size, x:x + size] = v
+    return clip
+
+
+def test_object_centroids_follow_the_object_frame_by_frame():
+    clip = jittered_clip([10, 12, 15], [6, 5, 9])
+    # a 5-pixel square's centroid is its corner + 2
+    torch.testing.assert_close(object_centroids(clip)[0], torch.tensor([[12.0, 8.0], [14.0, 7.0], [17.0, 11.0]]))
+    assert object_centroid(clip)[0].tolist() == pytest.approx([43 / 3, 26 / 3])
+
+
+def test_shift_frames_moves_each_frame_by_its_own_offset():
+    torch.manual_seed(0)
+    v = torch.randn(1, 3, 2, 8, 8)
+    out = shift_frames(v, torch.tensor([[2, -1]]), torch.tensor([[1, 0]]))
+    torch.testing.assert_close(out[0, :, 0, 1:, 2:], v[0, :, 0, :-1, :-2])  # frame 0: right 2, down 1
+    torch.testing.assert_close(out[0, :, 0, 0, 2:], v[0, :, 0, 0, :-2])  # the top row repeats
+    torch.testing.assert_close(out[0, :, 1, :, :-1], v[0, :, 1, :, 1:])  # frame 1: left 1
+    torch.testing.assert_close(shift_clips(v, torch.tensor([2]), torch.tensor([1])),
+                               shift_frames(v, torch.tensor([[2, 2]]), torch.tensor([[1, 1]])))
+
+
+def test_best_shift_finds_the_translation_by_exhaustive_search():
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 2, 12, 12)
+    dx, dy = torch.tensor([[2, -1], [0, 3]]), torch.tensor([[1, 2], [-3, 0]])
+    prediction = shift_frames(target, dx, dy)
+    ex, ey = best_shift(prediction, target, radius=3, per="frame")
+    assert ex.tolist() == dx.tolist() and ey.tolist() == dy.tolist()
+    # by hand for one frame: the squared error of every candidate shift, edges repeated
+    errors = {(a, b): float(((shift_frames(target[:1], torch.tensor([[a, a]]), torch.tensor([[b, b]]))
+                              - prediction[:1]) ** 2)[:, :, 0].sum())
+              for a in range(-3, 4) for b in range(-3, 4)}
+    assert min(errors, key=errors.get) == (2, 1)
+    # per clip: one shift for both frames, the one with the least error summed over them
+    same = shift_frames(target, torch.tensor([[1, 1], [-2, -2]]), torch.tensor([[0, 0], [2, 2]]))
+    cx, cy = best_shift(same, target, radius=2, per="clip")
+    assert cx.tolist() == [[1, 1], [-2, -2]] and cy.tolist() == [[0, 0], [2, 2]]
+    assert [t.tolist() for t in best_shift(prediction, target, radius=0)] == [[[0, 0], [0, 0]]] * 2
+
+
+def test_frame_alignment_forgives_where_each_frame_puts_the_object():
+    """A training clip samples its frames at random offsets, so the object jitters along its path: one
+    shift per clip leaves that jitter in the target, one per frame removes it."""
+    target = jittered_clip([10, 13, 15], [6, 6, 6])
+    drawn = jittered_clip([4, 6, 8], [12, 12, 12])  # a steady path elsewhere
+    assert torch.equal(aligned_target(drawn, target, per="frame"), drawn)
+    assert not torch.equal(aligned_target(drawn, target, per="clip"), drawn)
+    with pytest.raises(ValueError, match="per"):
+        aligned_target(drawn, target, per="pixel")
+
+
+def test_alignment_search_finds_the_object_that_a_distractor_pulls_the_centroid_from():
+    drawn = jittered_clip([8, 9], [8, 8])
+    target = jittered_clip([14, 15], [12, 12], distractor=(24, 22, 4, 0.3))
+    # the grey square stands out enough to count in the target's centroid: the centroid shift misses
+    plain = aligned_target(drawn, target, per="frame")
+    assert not torch.equal(foreground_mask(plain) * plain, foreground_mask(drawn) * drawn)
+    searched = aligned_target(drawn, target, per="frame", search=5)
+    obj = foreground_mask(drawn).bool().expand_as(drawn)
+    assert torch.equal(searched[obj], drawn[obj])  # every object pixel lands on the drawn object
+
+
+def test_alignment_anchors_on_the_generators_trajectory():
+    target = jittered_clip([10, 11], [6, 6])
+    drawn = jittered_clip([20, 21], [20, 20])
+    # the generator says its object is centred at (5, 9) and (7, 9): the target's goes there
+    anchor = torch.tensor([[[5.0, 9.0], [7.0, 9.0]]])
+    out = aligned_target(drawn, target, per="frame", anchor=anchor)
+    torch.testing.assert_close(object_centroids(out)[0], torch.tensor([[5.0, 9.0], [7.0, 9.0]]))
+
+
+def test_trajectory_pixels_and_loss_by_hand():
+    # normalised -1 is the left edge of pixel 0, +1 the right edge of pixel W-1: centres at -1 + (2i + 1) / W
+    traj = torch.tensor([[[-1 + 1 / 32, -1 + 1 / 32], [0.0, 0.0]]])
+    assert trajectory_pixels(traj, 32, 32)[0].tolist() == [[0.0, 0.0], [15.5, 15.5]]
+    target = jittered_clip([10, 12], [6, 6])  # centroids (12, 8) and (14, 8)
+    goal = [[(12 + 0.5) / 16 - 1, (8 + 0.5) / 16 - 1], [(14 + 0.5) / 16 - 1, (8 + 0.5) / 16 - 1]]
+    drawn = torch.tensor([[[goal[0][0] + 0.1, goal[0][1]], [goal[1][0], goal[1][1] - 0.2]]], requires_grad=True)
+    loss = trajectory_loss(drawn, target)
+    assert loss.item() == pytest.approx((0.1 ** 2 + 0.2 ** 2) / 2, rel=1e-5)
+    loss.backward()
+    assert drawn.grad[0, 0, 0].item() == pytest.approx(2 * 0.1 / 2, rel=1e-4)  # d/dx of the mean of 2 terms
+
+
+def test_video_generation_loss_trajectory_term_and_its_requirement():
+    target = jittered_clip([10, 12], [6, 6])
+    crit = VideoGenerationLoss(pixel_loss="mse", pixel_loss_weight=0.0, perceptual_loss_weight=0.0,
+                               temporal_consistency_weight=0.0, trajectory_loss_weight=2.0)
+    with pytest.raises(ValueError, match="trajectory_loss_weight"):
+        crit(target, target)
+    traj = torch.zeros(1, 2, 2)
+    total, parts = crit(target, target, trajectory=traj)
+    assert total.item() == pytest.approx(2.0 * trajectory_loss(traj, target).item())
+    with pytest.raises(ValueError, match="alignment"):
+        VideoGenerationLoss(alignment="pixel")
 
 
 PALETTE = torch.tensor([[220.0, 40, 40], [40, 190, 60], [40, 80, 230], [235, 215, 40]])

@@ -228,3 +228,29 @@ def test_evaluate_scores_every_model_in_one_pass_over_the_batches():
     assert both["val"][0] != both["val_ema"][0]  # two models, two sets of figures
     torch.testing.assert_close(first["video"], batches[0]["video"])
     assert a.training and b.training  # back in training mode
+
+
+def test_warm_started_parameters_get_their_own_learning_rate_through_the_schedule():
+    """model.init_from.lr_scale: the copied parameters form groups whose learning rate is the
+    schedule's times the scale, at every step (schedule_at rebuilds the schedule on resume)."""
+    from heygen_ray.config import TrainSpec
+    from heygen_ray.train.loop import schedule_at
+
+    model = create_model("text_to_video_sprite_micro")
+    copied = {n for n, _ in model.named_parameters() if n.startswith("text.")}
+    groups = param_groups(model, 0.05, {n: 0.1 for n in copied})
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(names)  # every parameter once
+    for g in groups:
+        in_text = {names[id(p)] in copied for p in g["params"]}
+        assert in_text == {g["lr_scale"] == 0.1}  # a group is all copied or all new
+        assert (g["weight_decay"] == 0.05) == all(p.ndim >= 2 for p in g["params"])
+    assert [g["lr_scale"] for g in param_groups(model, 0.05)] == [1.0, 1.0]  # no scales: the two usual groups
+    spec = TrainSpec.from_dict({"name": "s", "task": "text_to_video", "steps": 100,
+                                "optim": {"lr": 0.002}, "schedule": {"kind": "cosine", "warmup_steps": 10}})
+    opt = torch.optim.AdamW(groups, lr=0.002)
+    for step in (0, 10, 55):
+        sched = schedule_at(opt, spec, step)
+        lrs = {g["lr_scale"]: g["lr"] for g in opt.param_groups}
+        assert lrs[0.1] == pytest.approx(0.1 * lrs[1.0]) and lrs[1.0] > 0
+    assert sched.get_last_lr()[0] == pytest.approx(opt.param_groups[0]["lr"])

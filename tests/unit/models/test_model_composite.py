@@ -33,3 +33,28 @@ def test_text_to_video_depends_on_the_caption():
     torch.testing.assert_close(b, a.flip(0))  # each sample follows its own caption
     assert not torch.allclose(a[0], a[1], atol=1e-4)
     torch.testing.assert_close(c, d)  # padded positions do not matter
+
+
+def test_text_to_video_conditions_on_output_tokens_beside_word_embeddings():
+    """condition_tokens="output+embedding": the generator sees the text tower's outputs and its
+    (layer-normalised) word + position embeddings, so a word's identity reaches it even through a
+    frozen tower; a caption differing in one word changes the clip."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model("text_to_video_sprite_micro").eval()
+    inputs = model.example_inputs(2)
+    with torch.no_grad():
+        cond = model.condition(**inputs)
+        tokens = model.text.forward_features(**inputs)
+        words = model.text.embed(inputs["input_ids"])
+        assert cond.shape == (2, inputs["input_ids"].shape[1], 2 * tokens.shape[-1])
+        torch.testing.assert_close(cond[..., :tokens.shape[-1]], tokens)
+        torch.testing.assert_close(cond[..., tokens.shape[-1]:], F.layer_norm(words, words.shape[-1:]))
+        other = dict(inputs, input_ids=inputs["input_ids"].clone())
+        other["input_ids"][:, 1] = (other["input_ids"][:, 1] + 1) % model.text.vocab_size
+        assert not torch.allclose(model(**other), model(**inputs))
+    with pytest.raises(ValueError, match="condition_tokens"):
+        create_model("text_to_video_sprite_micro", condition_tokens="words")
+    with pytest.raises(ValueError, match="text_projection=None"):
+        create_model("text_to_video_sprite_micro", text_projection="mlp")

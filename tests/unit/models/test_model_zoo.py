@@ -12,6 +12,7 @@ import heygen_ray.models.base as base
 from heygen_ray.models import (
     ModelBase, UnknownArgumentError, create_model, list_models, model_inputs, unwrap_model,
 )
+from heygen_ray.models.generator import SpriteLayers
 from heygen_ray.registry import UnknownNameError
 
 MICRO = list_models("_micro")
@@ -49,6 +50,8 @@ EXPECTED_OUTPUT = {
     "video_text_matching_cnn_micro": (2, 2),
     "conv_video_generator_micro": (2, 3, 8, 32, 32),
     "text_to_video_conv_micro": (2, 3, 8, 32, 32),
+    "sprite_video_generator_micro": (2, 3, 8, 32, 32),
+    "text_to_video_sprite_micro": (2, 3, 8, 32, 32),
 }
 
 FIXED_HEADS = {"video_text_matching_micro", "video_text_matching_cnn_micro"}
@@ -71,7 +74,8 @@ def test_every_family_has_a_micro_preset_and_a_base_preset():
     for base_name in ["vit_b16", "swin_t", "video_generator_base", "text_processor_base", "multimodal_fusion_base",
                       "temporal_transformer_base", "conv_video_encoder_base", "video_transformer_base",
                       "text_decoder_base", "vit_video_base", "swin_video_base", "cnn_base", "cnn_video_base",
-                      "video_text_matching_base", "conv_video_generator_base", "text_to_video_base"]:
+                      "video_text_matching_base", "conv_video_generator_base", "text_to_video_base",
+                      "sprite_video_generator_base"]:
         assert base_name in names
 
 
@@ -141,7 +145,9 @@ def test_reset_classifier_changes_the_output_width(name, overrides):
     else:
         assert out.shape[-1] == 7
     conv_head = name in ("conv_video_generator_micro", "text_to_video_conv_micro")  # a transposed conv makes pixels
-    assert isinstance(model.get_classifier(), nn.ConvTranspose2d if conv_head else nn.Linear)
+    sprite_head = name in ("sprite_video_generator_micro", "text_to_video_sprite_micro")  # background + sprite layers
+    expected = nn.ConvTranspose2d if conv_head else (SpriteLayers if sprite_head else nn.Linear)
+    assert isinstance(model.get_classifier(), expected)
     assert model.num_classes == 7
 
 
@@ -253,3 +259,14 @@ def test_swin_t_is_the_published_architecture():
     assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (169, 3)
     assert [s.blocks[1].shift_size for s in model.layers] == [3, 3, 3, 0]  # 7x7 last stage: no shift
     assert 4.4e9 < model.flops_per_sample() / 2 < 4.6e9  # the paper's 4.5 GMACs
+
+
+def test_flops_are_counted_in_eval_mode_and_leave_the_training_flags():
+    """A one-sample FLOP count of a training-mode model with BatchNorm1d (which cannot normalise a
+    batch of one) works, and every module keeps its mode."""
+    model = build("sprite_video_generator_micro", {}).train()
+    model.condition.insert(0, nn.BatchNorm1d(model.condition[0].in_features))
+    model.head.eval()
+    flops = model.flops_per_sample({"text_embeddings": torch.randn(1, 128)})
+    assert flops > 0
+    assert model.training and model.condition[0].training and not model.head.training
