@@ -39,10 +39,14 @@ demo: $(STAMP)
 stop:
 	cluster/local/stop.sh
 
+# Lint and import order first (seconds), then the suite; the wall time is printed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/ruff check .
+	@start=$$(date +%s); $(BIN)/python -m pytest tests; rc=$$?; \
+	echo "make test: pytest wall time $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-fast: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests/unit
 
 # Every benchmarks/*.py (each writes benchmarks/results/<name>.json with a "summary"), then the table

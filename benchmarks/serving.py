@@ -217,7 +217,8 @@ def main() -> int:
     results["summary"] = [
         {"measure": "classify requests/s at concurrency 32, dynamic batching vs none (same model and replicas)",
          "anchor": f"no batching: {results['unbatched']['rps']} req/s", "goal": ">= 3x",
-         "measured": f"{speedup:.2f}x ({results['batched']['rps']} vs {results['unbatched']['rps']} req/s, mean batch {results['batched']['mean_batch_size']})",
+         "measured": f"{speedup:.2f}x ({results['batched']['rps']} vs {results['unbatched']['rps']} req/s, "
+                     f"mean batch {results['batched']['mean_batch_size']})",
          "met": speedup >= 3.0},
         {"measure": "p50 latency of a Serve HTTP request vs an in-process call of the same model (concurrency 1)",
          "anchor": f"in-process p50 {results['latency_in_process']['p50_ms']} ms",

@@ -219,12 +219,14 @@ def main() -> int:
 
         peaks = {p: measure_matmul_peak(p, threads=cpus, n=2048, iters=6) for p in ("fp32", "bf16")}
         torch.set_num_threads(cpus)
-        row = next((r for r in result.get("bf16_vs_fp32", {}).get("rows", []) if r["width"] == 512), None) or precision_curve([512], 20, 5)[0]
+        row = (next((r for r in result.get("bf16_vs_fp32", {}).get("rows", []) if r["width"] == 512), None)
+               or precision_curve([512], 20, 5)[0])
         result["mfu_width_512"] = {
             "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
             "fp32_mfu_vs_fp32_peak": round(row["fp32_train_gflops_per_s"] * 1e9 / peaks["fp32"], 3),
             "bf16_mfu_vs_bf16_peak": round(row["bf16_train_gflops_per_s"] * 1e9 / peaks["bf16"], 3),
-            "best_mfu_vs_best_peak": round(max(row["fp32_train_gflops_per_s"], row["bf16_train_gflops_per_s"]) * 1e9 / max(peaks.values()), 3),
+            "best_mfu_vs_best_peak": round(
+                max(row["fp32_train_gflops_per_s"], row["bf16_train_gflops_per_s"]) * 1e9 / max(peaks.values()), 3),
             "goal": 0.40,
         }
         print(json.dumps(result["mfu_width_512"]), flush=True)

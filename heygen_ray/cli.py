@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Type
 
@@ -14,8 +14,18 @@ from rich.console import Console
 from rich.table import Table
 
 from heygen_ray.config import (
-    SMOKE_OVERRIDES, ConfigError, DataSpec, PipelineSpec, Spec, SPEC_KINDS, SweepSpec, TrainSpec, load_spec, spec_kind_for,
+    SMOKE_OVERRIDES,
+    SPEC_KINDS,
+    ConfigError,
+    DataSpec,
+    PipelineSpec,
+    Spec,
+    SweepSpec,
+    TrainSpec,
+    load_spec,
+    spec_kind_for,
 )
+from heygen_ray.uris import is_model_uri
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep, compress and serve video/text models on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate configs.")
@@ -103,7 +113,8 @@ def print_data_summary(summary: Dict[str, Any]) -> None:
     if v.get("dropped"):
         console.print(f"dropped {v['dropped']} files ({v['dropped_reasons']}): {v['dropped_examples']}")
     x = summary["text"]
-    t = Table(title=f"text pipeline: tokenizer {x['tokenizer_dir']} (vocab {x['vocab_size']}{', trained now' if x['tokenizer_trained_now'] else ''})")
+    t = Table(title=f"text pipeline: tokenizer {x['tokenizer_dir']} "
+                    f"(vocab {x['vocab_size']}{', trained now' if x['tokenizer_trained_now'] else ''})")
     for col in ("sequences", "seq_len", "tokens", "seconds", "tokens/s"):
         t.add_column(col)
     t.add_row(str(x["sequences"]), str(x["seq_len"]), str(x["tokens"]), str(x["seconds"]), str(x["tokens_per_second"]))
@@ -166,16 +177,23 @@ def pipeline_run(
 ) -> None:
     """Run the pipeline: data -> train -> tune -> compress -> serve. Finished stages whose inputs,
     config and code are unchanged are skipped (see <output_dir>/ledger.json)."""
-    from heygen_ray.pipeline import run_pipeline
+    from heygen_ray.pipeline import plan_pipeline, run_pipeline
+    from heygen_ray.runtime import init_ray
 
     spec: PipelineSpec = _load(PipelineSpec, config, overrides, "pipeline" if smoke_test else None)
+    try:
+        plan_pipeline(spec)  # every stage's config is checked before Ray starts
+    except ConfigError as err:
+        _config_failure(err)
+    init_ray(spec.ray)
     progress, update = _progress_printer()
     t_start = time.perf_counter()
 
     def event(unit: str, what: str, info: Dict[str, Any]) -> None:
         elapsed = f"[{time.perf_counter() - t_start:6.1f} s]"
         if what == "finished":
-            line = f"{elapsed} [green]done[/]     {unit} in {info['seconds']:.1f} s" + (f"  ({info['metric']})" if info.get("metric") else "")
+            line = f"{elapsed} [green]done[/]     {unit} in {info['seconds']:.1f} s" + (
+                f"  ({info['metric']})" if info.get("metric") else "")
         elif what == "skipped":
             line = f"{elapsed} [cyan]skipped[/]  {unit} (unchanged since {info.get('finished_at', '?')})"
         elif what == "failed":
@@ -238,17 +256,17 @@ def train(
         results = run_training(spec)
     except ConfigError as err:
         _config_failure(err)
-    m = results.get("metrics", {})
-    t = Table(title=f"train {results['name']} ({results['task']}, {results['model']})")
+    m = results.metrics
+    t = Table(title=f"train {results.name} ({results.task}, {results.model})")
     for col in ("step", "metric", "value"):
         t.add_column(col)
     for k in sorted(k for k in m if k.startswith("val_")):
         t.add_row(str(m.get("step")), k, f"{m[k]:.4f}")
     console.print(t)
-    if results.get("model_uri"):
-        console.print(f"model: {results['model_uri']} (registered {results.get('registered_model_name')} v{results.get('model_version')})")
-    console.print(f"checkpoint: {results['checkpoint_uri']}")
-    console.print(f"results: {results['results_path']}")
+    if results.model_uri:
+        console.print(f"model: {results.model_uri} (registered {results.registered_model_name} v{results.model_version})")
+    console.print(f"checkpoint: {results.checkpoint_uri}")
+    console.print(f"results: {results.results_path}")
 
 
 @app.command("evaluate")
@@ -267,12 +285,12 @@ def evaluate_cmd(
     """Score a registered model (any task) on a split of any manifest with the task's own metrics."""
     import os
 
+    from heygen_ray.evaluate import evaluate_model
     from heygen_ray.runtime import init_ray
-    from heygen_ray.train.evaluate import evaluate_model
 
     spec: DataSpec = _load(DataSpec, data, overrides)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if model.startswith("models:/") and not uri:
+    if is_model_uri(model) and not uri:
         _config_failure(ConfigError("--tracking-uri: a models:/ URI needs the registry's store (or set MLFLOW_TRACKING_URI)"))
     init_ray()
     try:
@@ -300,6 +318,7 @@ def tune(
     """Sweep a training config (ASHA / Optuna; registers the best model) or a compression config
     (stage: compress; Optuna over quality and latency) with Ray Tune; writes the best trial's config
     as a ready-to-run YAML plus results.json."""
+    from heygen_ray.runtime import init_ray
     from heygen_ray.tune.sweep import plan_sweep, run_sweep
 
     spec: SweepSpec = _load(SweepSpec, config, overrides)
@@ -307,28 +326,29 @@ def tune(
         spec = _load(SweepSpec, config, overrides, "sweep" if spec.stage == "train" else f"sweep_{spec.stage}")
     try:
         plan = plan_sweep(spec)  # the whole search space is checked before Ray starts
+        init_ray(spec.ray)
         results = run_sweep(spec, plan=plan)
     except ConfigError as err:
         _config_failure(err)
-    t = Table(title=f"sweep {results['name']}: {results['metric']} ({results['mode']})")
+    t = Table(title=f"sweep {results.name}: {results.metric} ({results.mode})")
     metrics = [m for m, _ in plan.objectives]
     for col in ("trial", "status", "step", *metrics, *[p for p in plan.space.paths]):
         t.add_column(col, no_wrap=True)
-    for r in sorted(results["rows"], key=lambda r: r["trial_id"]):
-        t.add_row(r["trial_id"], r["status"], str(r["step"]),
-                  *["" if r.get(m) is None else f"{r[m]:.4g}" for m in metrics],
-                  *[f"{r.get('param:' + p):.4g}" if isinstance(r.get("param:" + p), float) else str(r.get("param:" + p))
+    for r in sorted(results.rows, key=lambda r: r.trial_id):
+        t.add_row(r.trial_id, r.status, str(r.step),
+                  *["" if r.metrics.get(m) is None else f"{r.metrics[m]:.4g}" for m in metrics],
+                  *[f"{r.params.get(p):.4g}" if isinstance(r.params.get(p), float) else str(r.params.get(p))
                     for p in plan.space.paths])
     Console(width=max(console.width, 60 + 16 * len(plan.space.paths))).print(t)  # logs are not terminals
-    best = results["best"]
-    console.print(f"{results['trials']} trials: {results['trials_completed']} completed, {results['trials_stopped_early']} "
-                  f"stopped early, {results['trials_error']} failed; {results['seconds']} s")
-    console.print(f"best: trial {best['trial_id']} {results['metric']}={best['metric']:.4g} (MLflow run {best['mlflow_run_id']})")
-    if results.get("pareto_front"):
-        console.print(f"pareto front ({', '.join(metrics)}): {', '.join(results['pareto_front'])}")
-    if results.get("model_version"):
-        console.print(f"model: {results['model_uri']} (registered {results['registered_model_name']} v{results['model_version']})")
-    console.print(f"best config: {results['best_config_path']}")
+    best = results.best
+    console.print(f"{results.trials} trials: {results.trials_completed} completed, {results.trials_stopped_early} "
+                  f"stopped early, {results.trials_error} failed; {results.seconds} s")
+    console.print(f"best: trial {best.trial_id} {results.metric}={best.metric:.4g} (MLflow run {best.mlflow_run_id})")
+    if results.pareto_front:
+        console.print(f"pareto front ({', '.join(metrics)}): {', '.join(results.pareto_front)}")
+    if results.model_version:
+        console.print(f"model: {results.model_uri} (registered {results.registered_model_name} v{results.model_version})")
+    console.print(f"best config: {results.best_config_path}")
 
 
 @app.command("compress")
@@ -348,16 +368,16 @@ def compress(
         results = run_compression(spec)
     except ConfigError as err:
         _config_failure(err)
-    t = Table(title=f"compress {results['name']} ({results['model']}, {results['metric']})")
-    for col in ("variant", results["metric"], "delta", "params", "MB", "p50 ms bs1", "p50 ms bs8", "x fp32", "x bf16", "gate"):
+    t = Table(title=f"compress {results.name} ({results.model}, {results.metric})")
+    for col in ("variant", results.metric, "delta", "params", "MB", "p50 ms bs1", "p50 ms bs8", "x fp32", "x bf16", "gate"):
         t.add_column(col)
-    for r in results["variants"]:
+    for r in results.variants:
         t.add_row(r["variant"], f"{r['quality']:.4f}", f"{r['quality_delta']:+.4f}", str(r["params"]),
                   f"{r['size_bytes'] / 1e6:.2f}", f"{r['p50_ms_bs1']:.2f}", f"{r['p50_ms_bs8']:.2f}",
                   f"{r['speedup_bs1_vs_fp32']:.2f}", f"{r['speedup_bs1_vs_bf16']:.2f}", "pass" if r["passes_gate"] else "FAIL")
     console.print(t)
-    console.print(f"alias {results['alias']!r} -> {results['alias_variant']}")
-    console.print(f"results: {results['results_path']}")
+    console.print(f"alias {results.alias!r} -> {results.alias_variant}")
+    console.print(f"results: {results.results_path}")
 
 
 @app.command("serve")
@@ -371,9 +391,11 @@ def serve_app(
     import time as _time
 
     from heygen_ray.config import ServeSpec
+    from heygen_ray.runtime import init_ray
     from heygen_ray.serve import deploy, shutdown, smoke
 
     spec: ServeSpec = _load(ServeSpec, config, overrides)
+    init_ray(spec.ray)
     try:
         out = deploy(spec)
     except ConfigError as err:

@@ -508,7 +508,8 @@ class DistillationLoss(nn.Module):
         self.temperature, self.alpha, self.hidden_loss_weight = temperature, alpha, hidden_loss_weight
         self.ignore_index, self.hidden_loss = ignore_index, hidden_loss
         self.projection: nn.Module = nn.Identity()
-        if hidden_loss == "mse" and student_hidden_dimensions and teacher_hidden_dimensions and student_hidden_dimensions != teacher_hidden_dimensions:
+        if (hidden_loss == "mse" and student_hidden_dimensions and teacher_hidden_dimensions
+                and student_hidden_dimensions != teacher_hidden_dimensions):
             self.projection = nn.Linear(student_hidden_dimensions, teacher_hidden_dimensions)
 
     def forward(

@@ -24,12 +24,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-
-from heygen_ray import fsutil
+from heygen_ray import fsutil, ray_private
 from heygen_ray.config import (
-    SMOKE_OVERRIDES, CompressSpec, ConfigError, DataSpec, PipelineSpec, Spec, StageRefSpec, SweepSpec, TrainSpec,
-    load_yaml, parse_override, set_path, validate_spec,
+    SMOKE_OVERRIDES,
+    CompressSpec,
+    ConfigError,
+    DataSpec,
+    PipelineSpec,
+    Spec,
+    StageRefSpec,
+    SweepSpec,
+    TrainSpec,
+    load_yaml,
+    parse_override,
+    set_path,
+    validate_spec,
 )
+from heygen_ray.uris import is_model_uri, model_uri, parse_model_uri
 
 LEDGER_VERSION = 1
 Progress = Callable[[str, int, Optional[int]], None]
@@ -79,8 +90,8 @@ def model_refs(spec: TrainSpec) -> List[str]:
     uris = [spec.model.init_from.uri if spec.model.init_from else None, spec.judge.model if spec.judge else None]
     names = []
     for uri in filter(None, uris):
-        if uri.startswith("models:/"):
-            names.append(uri[len("models:/"):].split("@")[0].split("/")[0])
+        if is_model_uri(uri):
+            names.append(parse_model_uri(uri).name)
     return names
 
 
@@ -180,7 +191,7 @@ def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
 
         check = json.loads(json.dumps(d))  # the models come from the stages: validate the rest now
         for ep in SERVE_ENDPOINTS:
-            _endpoint_section(check, ep)["model"] = f"models:/{ep}@{spec.champion_alias}" if getattr(ref, ep) else None
+            _endpoint_section(check, ep)["model"] = model_uri(ep, alias=spec.champion_alias) if getattr(ref, ep) else None
         _validated(ServeSpec, check, "serve", ref)
         units.append(Unit("serve", "serve", d, sorted(set(deps)), os.path.join(out_dir, "serve")))
     return units
@@ -268,11 +279,8 @@ def downstream(units: Sequence[Unit], forced: Iterable[str]) -> List[str]:
 # Progress of training steps (reported by the Train controller, read by the driver)
 # --------------------------------------------------------------------------------------------------
 
-_KV_NS = "heygen_ray"
-
-
-def _progress_key(unit: str) -> bytes:
-    return f"pipeline_progress:{unit}".encode()
+def _progress_key(unit: str) -> str:
+    return f"pipeline_progress:{unit}"
 
 
 def _train_progress_callback(unit: str, total: int):
@@ -280,12 +288,11 @@ def _train_progress_callback(unit: str, total: int):
 
     class ReportProgress(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            from ray.experimental import internal_kv
+            from heygen_ray.ray_private import kv_put
 
             steps = [m.get("step") for m in (metrics or []) if isinstance(m, dict) and m.get("step") is not None]
             if steps:
-                internal_kv._internal_kv_put(_progress_key(unit), json.dumps([int(max(steps)), total]).encode(),
-                                             overwrite=True, namespace=_KV_NS)
+                kv_put(_progress_key(unit), json.dumps([int(max(steps)), total]).encode())
 
     return ReportProgress()
 
@@ -305,11 +312,11 @@ class _Poller:
         return self
 
     def _run(self) -> None:
-        from ray.experimental import internal_kv
+        from heygen_ray.ray_private import kv_get
 
         while not self._stop.wait(1.0):
             try:
-                raw = internal_kv._internal_kv_get(_progress_key(self.unit), namespace=_KV_NS)
+                raw = kv_get(_progress_key(self.unit))
             except Exception:  # noqa: BLE001 (Ray shutting down)
                 return
             if raw:
@@ -371,7 +378,7 @@ class PipelineRun:
 
         spec = self.spec
         os.makedirs(self.out_dir, exist_ok=True)
-        runtime.init_ray(spec.ray)
+        runtime.require_ray("run_pipeline")
         trk = tracking.resolve_spec(spec.tracking, self.out_dir)
         self.tracking_uri = trk.tracking_uri if trk.enabled else None
         parent = tracking.make_tracker(trk, self.out_dir, run_name=f"pipeline-{spec.name}",
@@ -401,7 +408,7 @@ class PipelineRun:
             "name": spec.name, "spec_fingerprint": spec.fingerprint(), "code_version": self.code,
             "seconds": round(time.perf_counter() - t0, 2), "summary": rows, "stages": self.outputs,
             "ledger": self.ledger.path, "tracking_uri": self.tracking_uri, "mlflow_run_id": getattr(parent, "run_id", None),
-            "dashboard_url": runtime.dashboard_url(), "ray_logs": runtime.logs_dir(),
+            "dashboard_url": ray_private.dashboard_url(), "ray_logs": ray_private.logs_dir(),
         }
         return result
 
@@ -431,9 +438,8 @@ class PipelineRun:
         except BaseException as err:
             self.ledger.record(unit.name, status="failed", error=str(err).splitlines()[0][:500] if str(err) else repr(err),
                                seconds=round(time.perf_counter() - t0, 2))
-            from heygen_ray import runtime
 
-            self.on_event(unit.name, "failed", {"error": str(err), "ray_logs": runtime.logs_dir()})
+            self.on_event(unit.name, "failed", {"error": str(err), "ray_logs": ray_private.logs_dir()})
             raise
         seconds = round(time.perf_counter() - t0, 2)
         self.outputs[unit.name] = outputs
@@ -503,19 +509,19 @@ class PipelineRun:
             res = run_training(spec, callbacks=[_train_progress_callback(unit.name, spec.steps)], mlflow_run_id=run_id)
         task = task_for(spec)
         metric_name = f"val_{'ema_' if spec.ema.enabled else ''}{task.primary_metric}"
-        value = res["metrics"].get(metric_name)
+        value = res.metrics.get(metric_name)
         # smoke sizes check the plumbing, not the learning: their gates are reported, not applied
         gate = None if self.spec.smoke else self.spec.train[entry].gate
-        passes = _gate_passes(gate, res["metrics"])
-        champion = passes and _set_champion(res.get("registered_model_name"), res.get("model_version"),
+        passes = _gate_passes(gate, res.metrics)
+        champion = passes and _set_champion(res.registered_model_name, res.model_version,
                                             self.spec.champion_alias, self.tracking_uri)
-        out = {k: res.get(k) for k in ("model_uri", "registered_model_name", "model_version", "checkpoint_uri",
-                                       "mlflow_run_id", "run_dir", "seconds")}
+        out = {k: getattr(res, k) for k in ("model_uri", "registered_model_name", "model_version", "checkpoint_uri",
+                                             "mlflow_run_id", "run_dir", "seconds")}
         out.update(task=spec.task, metric=metric_name, value=value, champion=bool(champion), passes_gate=passes,
                    gate="not applied (smoke)" if self.spec.smoke and self.spec.train[entry].gate else None,
                    # the final validation metrics (raw and EMA): what the model learned, in results.json
-                   metrics={k: v for k, v in res["metrics"].items() if k.startswith("val_")},
-                   champion_uri=f"models:/{res['registered_model_name']}@{self.spec.champion_alias}" if champion else None)
+                   metrics={k: v for k, v in res.metrics.items() if k.startswith("val_")},
+                   champion_uri=model_uri(res.registered_model_name, alias=self.spec.champion_alias) if champion else None)
         return out, f"{metric_name}={value:.4g}" if isinstance(value, (int, float)) else None
 
     def _run_tune(self, unit: Unit, stage_run: Any, resume: Any):
@@ -524,36 +530,36 @@ class PipelineRun:
         d = unit.spec.to_dict()
         d["tracking"] = self._stage_tracking(d.get("tracking"), stage_run.run_id)
         res = run_sweep(SweepSpec.from_dict(d, source="tune"))
-        champion = _set_champion(res.get("registered_model_name"), res.get("model_version"), self.spec.champion_alias,
+        champion = _set_champion(res.registered_model_name, res.model_version, self.spec.champion_alias,
                                  self.tracking_uri)
-        best = res.get("best") or {}
-        out = {"best": best, "metric": res["metric"], "trials": res["trials"], "trials_completed": res["trials_completed"],
-               "trials_stopped_early": res["trials_stopped_early"], "best_config_path": res["best_config_path"],
-               "registered_model_name": res.get("registered_model_name"), "model_version": res.get("model_version"),
-               "model_uri": res.get("model_uri"), "champion": bool(champion),
-               "champion_uri": f"models:/{res['registered_model_name']}@{self.spec.champion_alias}" if champion else None}
-        metric = f"best {res['metric']}={best.get('metric'):.4g} ({res['trials']} trials)" if best else None
+        best = res.best.to_dict() if res.best else {}
+        out = {"best": best, "metric": res.metric, "trials": res.trials, "trials_completed": res.trials_completed,
+               "trials_stopped_early": res.trials_stopped_early, "best_config_path": res.best_config_path,
+               "registered_model_name": res.registered_model_name, "model_version": res.model_version,
+               "model_uri": res.model_uri, "champion": bool(champion),
+               "champion_uri": model_uri(res.registered_model_name, alias=self.spec.champion_alias) if champion else None}
+        metric = f"best {res.metric}={best.get('metric'):.4g} ({res.trials} trials)" if best else None
         return out, metric
 
     def _run_compress(self, unit: Unit, stage_run: Any, resume: Any):
         from heygen_ray.compress.stage import run_compression
 
         teacher = self.outputs.get(unit.deps[0]) or {}
-        uri = (f"models:/{teacher['registered_model_name']}/{teacher['model_version']}"
+        uri = (model_uri(teacher['registered_model_name'], version=teacher['model_version'])
                if teacher.get("model_version") else teacher.get("checkpoint_uri"))
         if not uri:
             raise RuntimeError(f"compress: the teacher {unit.deps[0]} left no registered model or checkpoint")
         d = unit.spec.to_dict()
         d["teacher"] = uri
         d["tracking"] = self._stage_tracking(d.get("tracking"), stage_run.run_id)
-        res = run_compression(CompressSpec.from_dict(d, source="compress"))
+        res = run_compression(CompressSpec.from_dict(d, source="compress")).to_dict()
         rows = {r["variant"]: r for r in res["variants"]}
         final = rows[res["final_variant"]]
         name = d.get("registered_model_name")
         out = {"teacher_uri": uri, "final_variant": res["final_variant"], "alias_variant": res["alias_variant"],
                "registered_model_name": name, "versions": res.get("versions", {}), "results_path": res["results_path"],
                "champion": bool(res["alias_variant"]) and bool(name),
-               "champion_uri": f"models:/{name}@{self.spec.champion_alias}" if res["alias_variant"] and name else None,
+               "champion_uri": model_uri(name, alias=self.spec.champion_alias) if res["alias_variant"] and name else None,
                "figures": {v: {k: r.get(k) for k in ("quality", "p50_ms_bs1", "speedup_bs1_vs_fp32", "speedup_bs1_vs_bf16",
                                                       "params", "size_bytes", "passes_gate")} for v, r in rows.items()}}
         metric = (f"{res['final_variant']}: {final.get('speedup_bs1_vs_fp32', 0):.2f}x vs fp32, "
@@ -563,12 +569,12 @@ class PipelineRun:
     def _run_evaluate(self, unit: Unit, stage_run: Any, resume: Any):
         """Score the champion of ``unit.deps[0]`` on this entry's data; the results and any expected
         minimums (met or not) go into the stage outputs."""
-        from heygen_ray.train.evaluate import evaluate_model
+        from heygen_ray.evaluate import evaluate_model
 
         name = unit.name.split(".", 1)[1]
         ev = self.spec.evaluate[name]
         o = self.outputs.get(unit.deps[0]) or {}
-        uri = o.get("champion_uri") or (f"models:/{o['registered_model_name']}/{o['model_version']}"
+        uri = o.get("champion_uri") or (model_uri(o['registered_model_name'], version=o['model_version'])
                                         if o.get("registered_model_name") and o.get("model_version") else None)
         if uri is None:
             raise RuntimeError(f"evaluate.{name}: {ev.model} registered no model to evaluate")
@@ -604,14 +610,14 @@ class PipelineRun:
                 section["model"] = None
                 continue
             o = self.outputs.get(src) or {}
-            uri = o.get("champion_uri") or (f"models:/{o['registered_model_name']}/{o['model_version']}"
+            uri = o.get("champion_uri") or (model_uri(o['registered_model_name'], version=o['model_version'])
                                             if o.get("registered_model_name") and o.get("model_version") else None)
             if uri is None:
                 raise RuntimeError(f"serve.{ep}: {src} registered no model to serve (tracking off, or its gate failed "
                                    "and no version exists)")
             section["model"] = uri
             if src == "compress":  # every measured variant, by name, plus a bf16 cast of the champion
-                section["variants"] = {"bf16": "bf16", **{v: f"models:/{o['registered_model_name']}/{ver}"
+                section["variants"] = {"bf16": "bf16", **{v: model_uri(o['registered_model_name'], version=ver)
                                                           for v, ver in (o.get("versions") or {}).items() if ver}}
             served[ep] = {"source": src, "model": uri, "variants": sorted(section.get("variants") or {})}
         spec = ServeSpec.from_dict(d, source=f"pipeline serve ({ref.config})")
@@ -637,7 +643,8 @@ class PipelineRun:
 
 def run_pipeline(spec: PipelineSpec, *, force: Sequence[str] = (), on_progress: Optional[Progress] = None,
                  on_event: Optional[Callable[[str, str, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-    """Plan (validate every stage), then run the units in order; writes <output_dir>/results.json."""
+    """Plan (validate every stage), then run the units in order on the Ray this process joined
+    (``runtime.init_ray(spec.ray)`` first); writes <output_dir>/results.json."""
     run = PipelineRun(spec, force=force, on_progress=on_progress, on_event=on_event)
     result = run.run()
     path = os.path.join(run.out_dir, "results.json")

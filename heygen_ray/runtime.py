@@ -36,6 +36,18 @@ def init_ray(spec: Optional[RaySpec] = None, *, quiet: bool = True) -> None:
         quiet_console()
 
 
+def require_ray(caller: str) -> None:
+    """Fail with a clear message when Ray is not initialised. Library entry points (``run_pipeline``,
+    ``serve.deploy``, ``run_sweep``, ``run_training``...) join whatever Ray this process already
+    joined; connecting is the job of the program that calls them: the CLI (and so ``jobs/*.py``)
+    calls :func:`init_ray` with the spec's ``ray`` section, a Python user calls it (or ``ray.init``)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{caller}: Ray is not initialised; call heygen_ray.runtime.init_ray(spec.ray) "
+                           "(or ray.init) first, as the heygen-ray CLI does")
+
+
 _QUIET = False
 
 
@@ -54,24 +66,3 @@ def quiet_console() -> None:
 def console_is_quiet() -> bool:
     """True after :func:`quiet_console` (``ray.log_to_driver: false``): callers print less."""
     return _QUIET
-
-
-def dashboard_url() -> Optional[str]:
-    """The Ray dashboard of the cluster this process joined, as an http URL (None when unknown)."""
-    try:
-        from ray._private.worker import get_dashboard_url  # no public API gives it after ray.init
-
-        url = get_dashboard_url()
-    except Exception:  # noqa: BLE001
-        return None
-    return f"http://{url}" if url and not url.startswith("http") else url or None
-
-
-def logs_dir() -> Optional[str]:
-    """This node's Ray session log folder (every worker's stdout/stderr)."""
-    try:
-        import ray
-
-        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it
-    except Exception:  # noqa: BLE001
-        return None

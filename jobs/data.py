@@ -8,4 +8,5 @@ import sys
 from heygen_ray.cli import app
 
 if __name__ == "__main__":
-    sys.exit(app(["data", "run", *sys.argv[1:], "--results", "results.json"] if "--results" not in sys.argv else ["data", "run", *sys.argv[1:]]))
+    sys.exit(app(["data", "run", *sys.argv[1:], "--results", "results.json"] if "--results" not in sys.argv
+                 else ["data", "run", *sys.argv[1:]]))

@@ -13,13 +13,22 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache(tmp_path_factory):
+    """The per-user cache (the empty MLflow store that new sqlite stores are copied from) lives in this
+    session's temp folder: nothing outside it is read or written. Set before Ray starts, so workers and
+    job subprocesses inherit it."""
+    os.environ["HEYGEN_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray shared by the whole run (4 logical CPUs on a 2-core machine)."""
     import ray
 
-    from heygen_ray.runtime import init_ray
     from heygen_ray.config import RaySpec
+    from heygen_ray.runtime import init_ray
 
     # Workers import functions defined in test modules by name: let them find those modules.
     here = os.path.dirname(os.path.abspath(__file__))
@@ -39,3 +48,42 @@ def tiny_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     spec = SynthSpec(output_dir=str(out), num_clips=48, seed=3)
     return spec, generate_dataset(spec, use_ray=False)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URI of a real MLflow tracking server (sqlite backend, proxied artifacts), one for the whole test
+    session, stopped at the end. Tests that share it use their own experiment and model names."""
+    from mlflow_server import running_mlflow_server
+
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch with one intra-op thread for a module (what a 1-CPU Ray worker gets), restored afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_count_leaks(request):
+    """A test that changes torch's thread count for the rest of the run fails, naming itself (the
+    count is restored, so later tests are not affected)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is None or before is None or "one_torch_thread" in request.fixturenames:
+        return
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"{request.node.nodeid} left torch.get_num_threads() at {after} (was {before})", pytrace=False)

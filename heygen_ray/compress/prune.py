@@ -10,12 +10,12 @@ most of the speed-up on oneDNN).
 
 A pruned model no longer matches its registry preset, so its shapes are recorded as an
 *architecture* (plain JSON: per-module widths and head counts, per-tensor shapes) that
-`apply_architecture` replays on a freshly built preset before its weights are loaded. Saved models
-carry it in model.json; nothing is pickled.
+`heygen_ray.models.architecture.apply_architecture` replays on a freshly built preset before its
+weights are loaded. Saved models carry it in model.json; nothing is pickled.
 
 Unstructured pruning (`torch.nn.utils.prune`) only zeroes weights: the tensors keep their shapes,
 dense kernels do the same work, so it does not make the model faster or smaller (dense storage).
-It is offered as the control the issue asks for and reported as such.
+It is kept as a control (the same share of weights gone, none of the speed-up) and reported as such.
 
 Pure PyTorch (+ torch_pruning): no ray, no mlflow.
 """
@@ -27,10 +27,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from heygen_ray.models.architecture import ARCH_ATTR, architecture, refresh_model_widths, widths
+
 IMPORTANCES = ("l1", "l2", "random", "taylor")
-ARCH_ATTR = "heygen_architecture"  # set on a model whose shapes differ from its registry preset
-_SHAPE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_groups", "num_channels",
-                "normalized_shape", "num_features", "num_attention_heads")
 
 
 def count_params(model: nn.Module) -> int:
@@ -144,7 +143,7 @@ def structured_prune(
         heads = int(pruner.num_heads[a.qkv])
         a.num_attention_heads = heads
         a.mechanism.num_attention_heads = heads
-    _refresh_model_widths(base)
+    refresh_model_widths(base)
     base.train(was_training)
     arch = architecture(base)
     setattr(base, ARCH_ATTR, arch)
@@ -173,77 +172,6 @@ def _rounded_ratios(base: nn.Module, ratio: float, per_layer: Dict[nn.Module, fl
         keep = max(round_to, int(round(width * (1.0 - r) / round_to)) * round_to)
         out[m] = max(0.0, 1.0 - keep / width) if keep < width else r if width <= round_to else 0.0
     return out
-
-
-def _refresh_model_widths(base: nn.Module) -> None:
-    """ModelBase bookkeeping that follows the layers (num_features = the classifier's input width)."""
-    from heygen_ray.models import ModelBase
-
-    for m in base.modules():
-        if isinstance(m, ModelBase):
-            head = m.get_classifier()
-            if isinstance(head, nn.Linear):
-                m.num_features = head.in_features
-            m._flops_cache.clear()
-
-
-def widths(model: nn.Module) -> Dict[str, Any]:
-    """A short summary of what is left: conv output channels, FFN hidden units, heads per block."""
-    from heygen_ray.models.layers import FeedForwardNetwork
-
-    out: Dict[str, Any] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and not name.endswith("shortcut.0"):
-            out[name] = m.out_channels
-        elif isinstance(m, FeedForwardNetwork):
-            out[name + ".hidden"] = m.fc2.in_features
-        elif hasattr(m, "qkv") and hasattr(m, "num_attention_heads"):
-            out[name + ".heads"] = m.num_attention_heads
-    return out
-
-
-# -- the architecture of a pruned model --------------------------------------------------------
-def architecture(model: nn.Module) -> Dict[str, Any]:
-    """JSON-able description of every width in ``model``: module attributes and tensor shapes."""
-    modules: Dict[str, Dict[str, Any]] = {}
-    for name, m in model.named_modules():
-        attrs = {}
-        for a in _SHAPE_ATTRS:
-            v = getattr(m, a, None)
-            if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
-                attrs[a] = list(v) if isinstance(v, (tuple, list)) else int(v)
-        if attrs:
-            modules[name] = attrs
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    return {"modules": modules, "shapes": shapes}
-
-
-def apply_architecture(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
-    """Reshape a freshly built preset to ``arch`` (from :func:`architecture`) in place: module
-    widths and head counts are set and every tensor is replaced by an uninitialised one of the
-    recorded shape, ready for ``load_state_dict``."""
-    for name, attrs in arch.get("modules", {}).items():
-        try:
-            m = model.get_submodule(name) if name else model
-        except AttributeError:
-            raise ValueError(f"architecture names module {name!r}, which {type(model).__name__} does not have") from None
-        for a, v in attrs.items():
-            if hasattr(m, a):
-                setattr(m, a, tuple(v) if isinstance(v, list) else v)
-    for key, shape in arch.get("shapes", {}).items():
-        mod_name, _, attr = key.rpartition(".")
-        m = model.get_submodule(mod_name) if mod_name else model
-        cur = getattr(m, attr, None)
-        if cur is None or list(cur.shape) == list(shape):
-            continue
-        new = torch.empty(shape, dtype=cur.dtype, device=cur.device)
-        if isinstance(cur, nn.Parameter):
-            setattr(m, attr, nn.Parameter(new, requires_grad=cur.requires_grad))
-        else:
-            m._buffers[attr] = new
-    _refresh_model_widths(model)
-    setattr(model, ARCH_ATTR, dict(arch))
-    return model
 
 
 # -- unstructured (the control) --------------------------------------------------------------

@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Mapping
 from torch import nn
 
 from heygen_ray.models import cnn, composite, fusion, generator, swin, temporal, text, video, vit  # noqa: F401  (registers presets)
-from heygen_ray.models.base import ModelBase, UnknownArgumentError
+from heygen_ray.models.base import ModelBase, UnknownArgumentError, create_model
 from heygen_ray.models.cnn import ConvNet
 from heygen_ray.models.fusion import MultimodalFusion, MultimodalFusionModule
 from heygen_ray.models.generator import VideoGenerator
@@ -66,19 +66,6 @@ from heygen_ray.models.text import TextProcessor, TextTransformerDecoder
 from heygen_ray.models.video import ConvVideoEncoder, FrameVideoClassifier, VideoTransformerEncoder
 from heygen_ray.models.vit import VisionTransformer
 from heygen_ray.registry import MODELS
-
-
-def create_model(name: str, **overrides: Any) -> ModelBase:
-    """Build the registered preset `name`, with constructor arguments overridden by `overrides`.
-
-    Unknown names raise `UnknownNameError` (with close matches); override keys the model does not
-    accept raise `UnknownArgumentError` (a TypeError) naming the key and the model.
-    """
-    builder = MODELS.get(name)
-    try:
-        return builder(**overrides)
-    except UnknownArgumentError as e:
-        raise UnknownArgumentError(f"create_model({name!r}): {e}") from None
 
 
 def list_models(pattern: str = "") -> List[str]:

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from heygen_ray.registry import MODELS
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -182,3 +184,16 @@ __all__ = [
     "masked_mean",
     "new_linear_head",
 ]
+
+
+def create_model(name: str, **overrides: Any) -> ModelBase:
+    """Build the registered preset `name`, with constructor arguments overridden by `overrides`.
+
+    Unknown names raise `UnknownNameError` (with close matches); override keys the model does not
+    accept raise `UnknownArgumentError` (a TypeError) naming the key and the model.
+    """
+    builder = MODELS.get(name)
+    try:
+        return builder(**overrides)
+    except UnknownArgumentError as e:
+        raise UnknownArgumentError(f"create_model({name!r}): {e}") from None

@@ -270,7 +270,7 @@ class VideoTextMatching(ModelBase):
                                                  num_attention_heads=num_attention_heads, dropout_rate=dropout_rate,
                                                  num_classes=0)
         else:  # any registered video classifier as the tower (its tokens: forward_features, (B, N, D))
-            from heygen_ray.models import create_model
+            from heygen_ray.models.base import create_model  # a registered tower, built by name
 
             self.video = create_model(video_model, **{"num_frames": num_frames, "image_size": image_size,
                                                       **(video_overrides or {}), "num_classes": 0})

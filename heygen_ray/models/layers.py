@@ -203,18 +203,18 @@ class MultiHeadCrossAttention(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         # x: (B, L, D); context: (B, M, Dc) for cross-attention; attention_mask: (B, L or M) over keys
-        b, l, _ = x.shape
+        b, seq_len, _ = x.shape
         h = self.num_attention_heads
         if self.is_cross_attention:
             if context is None:
                 raise ValueError("cross-attention needs a context tensor")
-            q = self.q(x).view(b, l, h, -1).transpose(1, 2)  # (B, H, L, hd)
+            q = self.q(x).view(b, seq_len, h, -1).transpose(1, 2)  # (B, H, L, hd)
             k, v = self.kv(context).view(b, context.shape[1], 2, h, -1).permute(2, 0, 3, 1, 4)  # (B, H, M, hd)
         else:
             # hd from the projection, not from D: structured pruning removes whole heads (H*hd < D)
-            q, k, v = self.qkv(x).view(b, l, 3, h, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+            q, k, v = self.qkv(x).view(b, seq_len, 3, h, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         y = self.mechanism(q, k, v, key_padding_mask=attention_mask)  # (B, H, L, hd)
-        y = y.transpose(1, 2).reshape(b, l, -1)  # (B, L, H*hd)
+        y = y.transpose(1, 2).reshape(b, seq_len, -1)  # (B, L, H*hd)
         return self.proj_drop(self.proj(y))
 
 

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from heygen_ray.models.base import (
-    ModelBase, build, init_weights, masked_mean, new_linear_head, random_tensor, random_token_inputs,
+    ModelBase,
+    build,
+    init_weights,
+    masked_mean,
+    new_linear_head,
+    random_tensor,
+    random_token_inputs,
 )
 from heygen_ray.models.layers import TransformerBlock, drop_path_rates
 from heygen_ray.registry import MODELS

@@ -39,12 +39,25 @@ from ray import serve
 
 from heygen_ray.config import SERVE_ENDPOINTS, ServeEndpointSpec, ServeLimitsSpec, ServeSpec, load_spec
 from heygen_ray.serve.inputs import (
-    VIDEO_TYPES, content_type, parse_multipart, probe_frames, read_body, read_video_uri, upload_from_multipart,
+    VIDEO_TYPES,
+    content_type,
+    parse_multipart,
+    probe_frames,
+    read_body,
+    read_video_uri,
+    upload_from_multipart,
 )
 from heygen_ray.serve.loader import lineage_headers, public_info
 from heygen_ray.serve.schemas import (
-    BadInputError, CompleteRequest, GenerateRequest, MatchRequest, VideoURIRequest, check_captions, check_complete,
-    check_prompt, validate_body,
+    BadInputError,
+    CompleteRequest,
+    GenerateRequest,
+    MatchRequest,
+    VideoURIRequest,
+    check_captions,
+    check_complete,
+    check_prompt,
+    validate_body,
 )
 
 log = logging.getLogger(__name__)

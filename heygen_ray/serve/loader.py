@@ -21,21 +21,19 @@ Nothing else is unpickled: the architecture is rebuilt by name, weights come fro
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from typing import Any, Dict, Optional, Tuple
+
+from heygen_ray.uris import is_model_uri, model_uri, parse_model_uri
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
-_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 
 
 def _split(uri: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
-    m = _ALIAS.match(uri)
-    if not m:
-        raise ValueError(f"not a registry URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
-    return m.group("name"), m.group("alias"), m.group("version")
+    ref = parse_model_uri(uri)
+    return ref.name, ref.alias, ref.version
 
 
 def resolve_variant_uri(base_uri: str, value: str, *, tracking_uri: Optional[str] = None) -> Tuple[str, Optional[str]]:
@@ -46,7 +44,7 @@ def resolve_variant_uri(base_uri: str, value: str, *, tracking_uri: Optional[str
     tagged ``heygen_ray.variant=<value>``)."""
     from heygen_ray.tracking import find_variant_version
 
-    if value.startswith("models:/"):
+    if is_model_uri(value):
         return value, None
     if value in PRECISIONS:
         return base_uri, value
@@ -54,7 +52,7 @@ def resolve_variant_uri(base_uri: str, value: str, *, tracking_uri: Optional[str
     version = find_variant_version(name, value, tracking_uri=tracking_uri)
     if version is None:
         raise LookupError(f"no version of registered model {name!r} is tagged heygen_ray.variant={value!r}")
-    return f"models:/{name}/{version}", None
+    return model_uri(name, version=version), None
 
 
 def _int8(model: Any, config: Dict[str, Any], run_id: Optional[str], tracking_uri: Optional[str],
@@ -96,7 +94,7 @@ def load_variant(uri: str, *, tracking_uri: Optional[str] = None, precision: Opt
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     name, alias, _ = _split(uri)
     ref = resolve_model_uri(uri, tracking_uri=tracking_uri)
-    pinned = f"models:/{ref.name}/{ref.version}" if ref.name and ref.version else uri
+    pinned = model_uri(ref.name, version=ref.version) if ref.name and ref.version else uri
     model, config = load_model_and_config(pinned, tracking_uri=tracking_uri)
     extra = config.get("extra") or {}
     variant = str(extra.get("variant") or "fp32")

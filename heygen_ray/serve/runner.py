@@ -28,15 +28,15 @@ def _url(spec: ServeSpec) -> str:
 
 
 def deploy(spec: ServeSpec, *, blocking: bool = False) -> Dict[str, Any]:
-    """Start Serve on the spec's host/port (joining or starting Ray as ``spec.ray`` says) and deploy
-    the app; returns {"url", "endpoints": {name: {"path", "model", "variants"}}, "app"}. With
+    """Start Serve on the spec's host/port, on the Ray this process joined (``runtime.init_ray(spec.ray)``
+    first), and deploy the app; returns {"url", "endpoints": {name: {"path", "model", "variants"}}, "app"}. With
     ``blocking=True`` it then serves until interrupted (Ctrl-C shuts the app down)."""
     from ray import serve
 
-    from heygen_ray.runtime import init_ray
+    from heygen_ray.runtime import require_ray
     from heygen_ray.serve.app import ROUTES, app_from_spec
 
-    init_ray(spec.ray)
+    require_ray("serve.deploy")
     serve.start(http_options={"host": spec.host, "port": spec.port})
     running = _http_binding()
     if running is not None and running != (spec.host, spec.port):  # Serve was already up elsewhere
@@ -134,7 +134,8 @@ def smoke(url: str, spec: ServeSpec, *, timeout: float = 120.0) -> Dict[str, Any
         "generate": ("POST", "/v1/videos/generate", json.dumps({"prompt": SMOKE_PROMPT, "seed": 0}).encode(), "application/json"),
         "complete": ("POST", "/v1/text/complete", json.dumps({"prompt": "a red", "max_tokens": 8}).encode(), "application/json"),
         "match": ("POST", "/v1/match", *multipart({"video": ("clip.mp4", "video/mp4", video),
-                                                  "captions": (None, "application/json", json.dumps([SMOKE_PROMPT, "a blue square moves up"]).encode())})),
+                                                  "captions": (None, "application/json",
+                                                               json.dumps([SMOKE_PROMPT, "a blue square moves up"]).encode())})),
     }
     results: Dict[str, Any] = {}
     failures = []

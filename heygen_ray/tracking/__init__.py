@@ -28,14 +28,40 @@ imports neither mlflow nor torch.
 
 from heygen_ray.config import TrackingSpec
 from heygen_ray.tracking.models import (
-    CONFIG_FILE, MAX_EXAMPLE_ELEMENTS, MODEL_FORMAT, WEIGHTS_FILE, LoggedModel, ModelRef, load_model, load_model_and_config, load_pyfunc, log_model, register_run_model,
-    resolve_model_uri, set_alias,
+    CONFIG_FILE,
+    MAX_EXAMPLE_ELEMENTS,
+    MODEL_FORMAT,
+    WEIGHTS_FILE,
+    LoggedModel,
+    ModelRef,
+    download_run_artifact,
+    find_variant_version,
+    load_model,
+    load_model_and_config,
+    load_model_config,
+    load_pyfunc,
+    log_model,
+    recorded,
+    recorded_data_info,
+    register_run_model,
+    resolve_model_uri,
+    set_alias,
 )
-from heygen_ray.tracking.models import download_run_artifact, find_variant_version, load_model_config, recorded, recorded_data_info
 from heygen_ray.tracking.plots import svg_curves, svg_heatmap, svg_scatter
 from heygen_ray.tracking.runs import (
-    MAX_PARAM_VALUE, MAX_TAG_VALUE, TRUNCATION_MARKER, NullTracker, RunStatus, Tracker, default_artifact_root,
-    ensure_experiment, find_runs, flatten, make_tracker, resolve_spec, resolve_tracking_uri,
+    MAX_PARAM_VALUE,
+    MAX_TAG_VALUE,
+    TRUNCATION_MARKER,
+    NullTracker,
+    RunStatus,
+    Tracker,
+    default_artifact_root,
+    ensure_experiment,
+    find_runs,
+    flatten,
+    make_tracker,
+    resolve_spec,
+    resolve_tracking_uri,
 )
 
 __all__ = [

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
+from heygen_ray import uris
 from heygen_ray.tracking.runs import NullTracker, Tracker, _client, flatten
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class LoggedModel:
     @property
     def registry_uri(self) -> Optional[str]:
         """`models:/<name>/<version>` when registered."""
-        return f"models:/{self.registered_name}/{self.version}" if self.registered_name else None
+        return uris.model_uri(self.registered_name, version=self.version) if self.registered_name else None
 
 
 class ModelRef(NamedTuple):
@@ -129,7 +130,9 @@ def _float_dtype(module: "nn.Module") -> Optional[str]:
     return None
 
 
-def model_config(m: "nn.Module", model_name: str, overrides: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+def model_config(
+    m: "nn.Module", model_name: str, overrides: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
     """model.json of a zoo model: what rebuilds it by name (plus the widths of a pruned one)."""
     import torch
 
@@ -267,7 +270,7 @@ def log_model(
             client.finalize_logged_model(lm.model_id, "FAILED")
         raise
 
-    model_uri = f"models:/{lm.model_id}"
+    model_uri = uris.model_uri(lm.model_id)
     version = None
     if registered_model_name:
         version = _register_version(client, tracker.tracking_uri, registered_model_name, lm, run_id,
@@ -292,7 +295,7 @@ def _register_version(client, tracking_uri: str, name: str, lm, run_id: str,
     # `heygen_ray.model_id` tag keeps the link to the logged model).
     remote = tracking_uri.split(":", 1)[0].lower() in ("http", "https")
     mv = client.create_model_version(
-        name, source=f"models:/{lm.model_id}" if remote else lm.artifact_location, run_id=run_id,
+        name, source=uris.model_uri(lm.model_id) if remote else lm.artifact_location, run_id=run_id,
         model_id=lm.model_id, tags={"heygen_ray.model_id": lm.model_id, **dict(version_tags or {})},
         await_creation_for=await_s,
     )
@@ -310,7 +313,7 @@ def register_run_model(tracking_uri: str, run_id: str, name: str, *, version_tag
         raise ValueError(f"run {run_id} at {tracking_uri} logged no model to register")
     lm = client.get_logged_model(model_ids[-1])
     version = _register_version(client, tracking_uri, name, lm, run_id, version_tags, await_registration_s)
-    return LoggedModel(f"models:/{lm.model_id}", name, version, run_id, lm.model_id)
+    return LoggedModel(uris.model_uri(lm.model_id), name, version, run_id, lm.model_id)
 
 
 def set_alias(name: str, alias: str, version: Union[str, int], *, tracking_uri: Optional[str] = None) -> None:
@@ -356,7 +359,7 @@ def _load_from_files(config_path: str, weights_path: str, map_location: Union[st
     if int(config.get("num_classes", model.num_classes)) != model.num_classes:
         model.reset_classifier(int(config["num_classes"]))
     if config.get("architecture"):  # pruned: reshape the preset to the recorded widths first
-        from heygen_ray.compress.prune import apply_architecture
+        from heygen_ray.models.architecture import apply_architecture
 
         apply_architecture(model, config["architecture"])
     if config.get("dtype"):
@@ -484,7 +487,7 @@ def recorded(config: Mapping[str, Any], key: str, *, tracking_uri: Optional[str]
     if extra.get(key) not in (None, {}, ""):
         return extra[key]
     parent = (extra.get("lineage") or {}).get("parent_uri")
-    if depth < 3 and isinstance(parent, str) and parent.startswith("models:/"):
+    if depth < 3 and isinstance(parent, str) and uris.is_model_uri(parent):
         try:
             parent_config = load_model_config(parent, tracking_uri=tracking_uri)
         except Exception as err:  # noqa: BLE001 - the parent may be gone: callers fill the gaps

@@ -10,7 +10,6 @@ import os
 from typing import Any, List, Mapping, Sequence, Tuple
 from xml.sax.saxutils import escape
 
-
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
@@ -97,7 +96,7 @@ def svg_heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], title:
     """Confusion-matrix heat map: rows = true class, columns = predicted; shade = row fraction."""
     n = len(labels)
     cell = max(6, min(40, 560 // max(n, 1)))
-    margin = 16 + 7 * max((min(len(str(l)), 18) for l in labels), default=1)
+    margin = 16 + 7 * max((min(len(str(label)), 18) for label in labels), default=1)
     top = margin + 24
     width, height = margin + n * cell + 16, top + n * cell + 16
     parts = [
@@ -166,8 +165,8 @@ def _png_heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str]) -> by
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(n), [str(l) for l in labels], rotation=90, fontsize=8)
-    ax.set_yticks(range(n), [str(l) for l in labels], fontsize=8)
+    ax.set_xticks(range(n), [str(label) for label in labels], rotation=90, fontsize=8)
+    ax.set_yticks(range(n), [str(label) for label in labels], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 20:

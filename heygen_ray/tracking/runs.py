@@ -15,7 +15,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from heygen_ray.config import TrackingSpec
 from heygen_ray.tracking.plots import (
-    _image_format, _matrix_rows, _num, _png_curves, _png_heatmap, _png_scatter, svg_curves, svg_heatmap, svg_scatter,
+    _image_format,
+    _matrix_rows,
+    _num,
+    _png_curves,
+    _png_heatmap,
+    _png_scatter,
+    svg_curves,
+    svg_heatmap,
+    svg_scatter,
 )
 
 # MLflow limits (mlflow/utils/validation.py: MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH,
@@ -38,6 +46,10 @@ def _client(tracking_uri: Optional[str] = None):
     """An MlflowClient whose registry is the tracking backend itself (not a global registry URI)."""
     from mlflow import MlflowClient
 
+    db = _sqlite_path(tracking_uri) if tracking_uri else None
+    if db is not None and not os.path.exists(db):
+        seed_sqlite_store(db)
+
     if tracking_uri is None:
         return MlflowClient()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -57,6 +69,54 @@ def _sqlite_path(uri: str) -> Optional[str]:
     if not uri.startswith("sqlite:///"):
         return None
     return uri[len("sqlite:///"):].partition("?")[0] or None
+
+
+def _template_path() -> str:
+    """The migrated empty store of this MLflow version, cached per user (``$HEYGEN_RAY_CACHE`` or
+    ``~/.cache/heygen_ray``)."""
+    import mlflow
+
+    root = os.environ.get("HEYGEN_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "heygen_ray")
+    return os.path.join(root, f"mlflow-{mlflow.__version__}-empty.db")
+
+
+def seed_sqlite_store(db: str) -> bool:
+    """Create the sqlite store ``db`` from a cached empty one, unless it exists already.
+
+    A new sqlite store runs MLflow's whole chain of schema migrations (3-8 s on 2 cores); every run
+    directory gets its own store, so that cost recurs. The migrated empty database of the installed
+    MLflow version is made once and copied; its only row, the "Default" experiment, is pointed at
+    ``<database dir>/mlartifacts/0`` (where :func:`default_artifact_root` puts every experiment).
+    The copy appears atomically: a concurrent creator (two Tune trials) either finds the finished
+    store or creates it. Returns True when this call created it."""
+    import shutil
+    import sqlite3
+
+    template = _template_path()
+    if not os.path.exists(template):
+        from mlflow import MlflowClient
+
+        os.makedirs(os.path.dirname(template), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(template)) as tmp:
+            fresh = os.path.join(tmp, "empty.db")
+            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()  # creates and migrates
+            os.replace(fresh, template)
+    folder = os.path.dirname(os.path.abspath(db))
+    os.makedirs(folder, exist_ok=True)
+    tmp_db = os.path.join(folder, f".{os.path.basename(db)}.{os.getpid()}.tmp")
+    shutil.copyfile(template, tmp_db)
+    try:
+        now = int(time.time() * 1000)
+        with sqlite3.connect(tmp_db) as con:
+            con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                        "WHERE experiment_id = 0", (os.path.join(folder, "mlartifacts", "0"), now, now))
+        con.close()
+        os.link(tmp_db, db)  # fails if another process created the store meanwhile
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp_db)
 
 
 def _spec(spec: Union[TrackingSpec, Mapping[str, Any], None]) -> TrackingSpec:
@@ -434,7 +494,7 @@ class Tracker:
         `<file>.png|svg`; returns both artifact paths."""
         rows = _matrix_rows(matrix)
         n = len(rows)
-        labels = [str(l) for l in label_names] if label_names is not None else [str(i) for i in range(n)]
+        labels = [str(name) for name in label_names] if label_names is not None else [str(i) for i in range(n)]
         if any(len(r) != n for r in rows) or len(labels) != n:
             raise ValueError(f"confusion matrix must be square with one label per row; got {n} rows, "
                              f"row lengths {sorted({len(r) for r in rows})}, {len(labels)} labels")

@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, TrainSpec
 from heygen_ray.train import track
+from heygen_ray.train.result import TrainResult
 from heygen_ray.train.tasks import DataInfo, Task
+from heygen_ray.uris import is_model_uri, model_uri
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def mean_clip(ds, max_clips: int = 512) -> list:
 def _pinned(uri: str, field: str, tracking_uri: Optional[str]) -> str:
     """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (other URIs unchanged); an unknown name or
     alias fails naming ``field``."""
-    if not uri.startswith("models:/") or "@" not in uri:
+    if not is_model_uri(uri) or "@" not in uri:
         return uri
     from heygen_ray.tracking import resolve_model_uri
 
@@ -151,7 +153,7 @@ def _pinned(uri: str, field: str, tracking_uri: Optional[str]) -> str:
         ref = resolve_model_uri(uri, tracking_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 (an unknown name or alias: the config's error)
         raise ConfigError(f"{field}: {uri!r} is not in the registry at {tracking_uri}: {err}") from None
-    return f"models:/{ref.name}/{ref.version}"
+    return model_uri(ref.name, version=ref.version)
 
 
 def pin_model_refs(spec: TrainSpec, tracking_uri: Optional[str]) -> TrainSpec:
@@ -193,7 +195,7 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo, tracking_uri: Optio
     import torch
 
     from heygen_ray.models import UnknownArgumentError
-    from heygen_ray.train.loop import apply_init_from, build_model
+    from heygen_ray.train.prepare import apply_init_from, build_model
 
     if spec.model.init_from is not None:
         apply_init_from(build_model(spec, task, info), spec, tracking_uri)
@@ -214,11 +216,13 @@ def check_model(spec: TrainSpec, task: Task, info: DataInfo, tracking_uri: Optio
 
 
 def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None, *, callbacks: Sequence[Any] = (),
-                 mlflow_run_id: Optional[str] = None, prepared: Optional[Tuple[Dict[str, Any], DataInfo]] = None) -> Dict[str, Any]:
-    """Train on the current Ray cluster; returns (and writes) the job's results.
+                 mlflow_run_id: Optional[str] = None, prepared: Optional[Tuple[Dict[str, Any], DataInfo]] = None) -> TrainResult:
+    """Train on the current Ray cluster; returns the job's :class:`TrainResult` (and writes it as
+    ``<run_dir>/<name>/results.json``).
 
-    ``extra_config`` (JSON-able) joins the workers' loop config: ``init_model`` (a model directory to
-    start from, e.g. a pruned student) and ``distill`` ({teacher: model directory, temperature, alpha}).
+    ``extra_config`` (JSON-able) joins the workers' config (a `WorkerConfig`, validated here):
+    ``init_model`` (a model directory to start from, e.g. a pruned student) and ``distill``
+    ({teacher: model directory, temperature, alpha, hidden_weight}); any other key fails here.
     ``callbacks``: extra ``ray.train.UserCallback``s (a sweep trial passes Tune's report callback).
     ``mlflow_run_id``: continue that existing run instead of opening a new one (a retried trial).
     ``prepared``: (datasets, info) from ``prepare_data`` for this spec's data, prepared once by a
@@ -226,7 +230,9 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from heygen_ray.train.loop import task_for, train_loop_per_worker
+    from heygen_ray.train.loop import train_loop_per_worker
+    from heygen_ray.train.prepare import task_for
+    from heygen_ray.train.worker_config import WorkerConfig
 
     spec = absolutize(spec)
     task = task_for(spec)
@@ -241,16 +247,18 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
         f.write(spec.to_yaml())
     workers = max(spec.scaling.num_workers, 1)
     peak = spec.peak_flops or peak_flops_for(spec.precision, threads=max(1, int((os.cpu_count() or 1) / workers)))
+    # validated before the MLflow run opens: a bad extra_config leaves no run behind
+    worker = WorkerConfig.build(spec=spec, data_info=info, run_dir=run_dir, tracking_uri=tracking_uri,
+                                has_val="val" in datasets, peak_flops=peak, extra=extra_config)
 
     mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict(),
                                              run_id=mlflow_run_id)
+    worker = worker.model_copy(update={"mlflow_run_id": mlflow_run_id})
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "data_info": info.to_dict(), "run_dir": run_dir,
-                           "tracking_uri": tracking_uri,
-                           "has_val": "val" in datasets, "peak_flops": peak, "mlflow_run_id": mlflow_run_id,
-                           **(extra_config or {})},
+        # a plain dict (what Ray Train expects of a loop config), validated again on every worker
+        train_loop_config=worker.to_dict(),
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
@@ -268,20 +276,18 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
         track.end_run(spec.tracking.to_dict(), run_dir, mlflow_run_id, status="FAILED")
         raise
     track.end_run(spec.tracking.to_dict(), run_dir, mlflow_run_id, status="FINISHED")
-    value = result.return_value or {}
-    results = {
-        "name": spec.name,
-        "task": spec.task,
-        "model": spec.model.name,
-        "run_dir": run_dir,
+    value = dict(result.return_value or {})
+    out = TrainResult.from_dict({
+        **value,
+        "name": spec.name, "task": spec.task, "model": spec.model.name, "run_dir": run_dir,
         "seconds": round(time.perf_counter() - t0, 2),
         "checkpoint_uri": result.checkpoint.path if result.checkpoint else None,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-        "mlflow_run_id": mlflow_run_id,
+        "mlflow_run_id": value.get("mlflow_run_id") or mlflow_run_id,
         "tracking_uri": track.resolved_uri(spec.tracking.to_dict(), run_dir),
-        **value,
-    }
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    results["results_path"] = os.path.join(run_dir, "results.json")
-    return results
+    })
+    path = os.path.join(run_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in out.to_dict().items() if k != "results_path"}, f, indent=2, default=str)
+    out.results_path = path
+    return out

@@ -6,110 +6,46 @@ DDP (gloo on CPU, nccl on GPU) through ``ray.train.torch.prepare_model``; data f
 optimizer step; EMA; checkpoints every N steps in the one checkpoint format; resume from the latest
 checkpoint after a worker failure or when a job with the same name is re-run; optional fault injection.
 Rank 0 logs to MLflow; other ranks get a null tracker.
+
+One worker's training is a :class:`TrainState` and a sequence of functions on it::
+
+    setup -> resume -> start -> (train_step [log_train] [validate] [report]) until spec.steps
+          -> validate(final) -> report -> finish
+
+What it starts from (the task, the model, a warm start, a distillation teacher) is decided before,
+by heygen_ray.train.prepare; a GAN's discriminator is the optional heygen_ray.train.gan.Adversary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from heygen_ray.config import ConfigError, TrainSpec
-from heygen_ray.train.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, read_meta
+from heygen_ray.config import TrainSpec
+from heygen_ray.train.checkpoint import CheckpointParts, commit_checkpoint, latest_checkpoint, load_checkpoint, read_meta
 from heygen_ray.train.ema import make_ema
-from heygen_ray.train.precision import PrecisionChoice, probe_bf16_speedup, read_choice, resolve_precision, write_choice
-from heygen_ray.train.precision import amp_dtype as precision_dtype
-from heygen_ray.train.schedule import build_scheduler
-from heygen_ray.train.tasks import DataInfo, Task, get_task
+from heygen_ray.train.gan import METRICS as ADVERSARY_METRICS
+from heygen_ray.train.gan import Adversary, frozen
+from heygen_ray.train.optim import adamw, schedule_at
+from heygen_ray.train.precision import PrecisionChoice, autocast, choose_precision
+from heygen_ray.train.prepare import load_judge, model_overrides, prepare, task_for  # noqa: F401 (load_judge, task_for: see below)
+from heygen_ray.train.step import evaluate, optimizer_step
+from heygen_ray.train.tasks import DataInfo, Task
+from heygen_ray.train.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
+# load_judge and task_for (heygen_ray.train.prepare) and evaluate (heygen_ray.train.step) stay importable
+# from here for the callers that import them from the loop.
+
 FAULT_ENV = "HEYGEN_FAULT"  # "rank:step": kill that rank at that optimizer step (first attempt only)
-
-
-def param_groups(model: nn.Module, weight_decay: float, lr_scales: Optional[Mapping[str, float]] = None) -> List[Dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norm weights, embeddings, tokens and position tables
-    (every parameter with fewer than 2 dims, plus names that say so). ``lr_scales``: parameter name
-    -> learning-rate multiplier (warm-started weights fine-tuned gently); each group carries its
-    ``lr_scale`` (1.0 by default), which `schedule_at` applies."""
-    groups: Dict[Tuple[bool, float], List[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "relative_position_bias_table", "embedding", "rel_bias"))
-        scale = float((lr_scales or {}).get(name, 1.0))
-        groups.setdefault((not skip, scale), []).append(p)
-    out = []
-    for decay in (True, False):  # the decayed group first, as before (checkpointed optimizer states)
-        for (d, scale), params in sorted(groups.items(), key=lambda kv: -kv[0][1]):
-            if d == decay:
-                out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
-    return out
-
-
-def model_overrides(spec: TrainSpec, task: Task, info: DataInfo) -> Dict[str, Any]:
-    """What the data dictates (classes, vocabulary, clip shape), then the YAML's own overrides."""
-    return {**task.model_overrides(info), **spec.model.overrides}
-
-
-def build_model(spec: TrainSpec, task: Task, info: DataInfo) -> nn.Module:
-    from heygen_ray.models import create_model
-
-    return create_model(spec.model.name, **model_overrides(spec, task, info))
-
-
-def apply_init_from(model: nn.Module, spec: TrainSpec, tracking_uri: Optional[str]):
-    """Warm-start ``model`` from ``spec.model.init_from`` (None when unset); fails, naming the field,
-    when not one tensor of the source fits."""
-    from heygen_ray.train.warm_start import warm_start
-
-    init = spec.model.init_from
-    if init is None:
-        return None
-    from heygen_ray.tracking import load_model
-
-    try:
-        source = load_model(init.uri, tracking_uri=tracking_uri).state_dict()
-    except Exception as err:  # noqa: BLE001 (any failure to reach or read the source is the config's)
-        raise ConfigError(f"model.init_from.uri: cannot load {init.uri!r}: {err}") from None
-    report = warm_start(model, source, source_prefix=init.source_prefix, target_prefix=init.target_prefix,
-                        freeze=init.freeze)
-    if not report.copied:
-        raise ConfigError(
-            f"model.init_from: no tensor of {init.uri} (names under {init.source_prefix!r}) matches a tensor of "
-            f"{spec.model.name} under {init.target_prefix!r} with the same shape "
-            f"({len(report.shape_mismatch)} names matched with other shapes)")
-    return report
-
-
-def load_judge(spec: TrainSpec, info: DataInfo, tracking_uri: Optional[str], device: Optional[torch.device] = None):
-    """The text_to_video judge of ``spec.judge`` (a registered video classifier) as a tasks.Judge."""
-    from heygen_ray.config import COLORS
-    from heygen_ray.tracking import load_model_and_config, recorded_data_info
-    from heygen_ray.train.tasks import Judge
-
-    model, cfg = load_model_and_config(spec.judge.model, tracking_uri=tracking_uri)
-    labels = recorded_data_info(cfg).get("label_names")
-    if not labels:
-        raise ConfigError(f"judge.model: {spec.judge.model} records no label names (train it with the video_classification task)")
-    return Judge(model.to(device or "cpu"), labels, COLORS, info.tokenizer_dir)
-
-
-def task_for(spec: TrainSpec, judge: Any = None) -> Task:
-    """The task with the spec's loss settings (the discriminator, when the GAN is on, is built here;
-    ``judge``: the loaded text_to_video judge, see load_judge)."""
-    if spec.task == "text_to_video":
-        return get_task(spec.task, loss_weights=spec.loss.to_dict(), discriminator=spec.discriminator.to_dict(),
-                        judge=judge, judged=spec.judge is not None)
-    if spec.task == "video_text_matching":
-        return get_task(spec.task, **spec.matching_loss.to_dict())
-    return get_task(spec.task)
 
 
 def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
@@ -122,87 +58,14 @@ def fault_plan(spec: TrainSpec) -> Optional[Tuple[int, int]]:
     return None
 
 
-def choose_precision(spec: TrainSpec, model: nn.Module, task: Task, info: DataInfo, device: torch.device,
-                     world: int, record: Optional[str] = None) -> PrecisionChoice:
-    """Resolve ``spec.precision`` (``auto``: CPU flags, then a probe of this model's own step at
-    the training batch size). Rank 0 decides and every rank takes its answer, so all workers train
-    alike. ``record``: a file where rank 0 keeps the run's choice; a later attempt of the run (a
-    retry after a failure, a resume) takes it from there instead of probing again, so it trains in
-    the precision its checkpoints were made in and logs the same run params."""
-    import torch.distributed as dist
-
-    shared = world > 1 and spec.precision == "auto"
-    rank = dist.get_rank() if shared else 0
-    choice: Optional[PrecisionChoice] = None
-    if rank == 0:
-        choice = read_choice(record, spec.precision) if record else None
-        if choice is None:
-            choice = _resolve(spec, model, task, info, device)
-            if record:
-                write_choice(record, choice)
-    if shared:
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        choice = box[0]
-    if spec.precision == "auto":
-        log.warning("precision auto -> %s (%s)", choice.precision, choice.reason)
-    return choice
-
-
-def _resolve(spec: TrainSpec, model: nn.Module, task: Task, info: DataInfo, device: torch.device) -> PrecisionChoice:
-    batch = {k: v.to(device) for k, v in task.example_batch(info, spec.batch_size).items()}
-    inputs, _ = task.inputs(batch)
-    inputs = {**inputs, **task.forward_kwargs}
-
-    def surrogate(out: Any) -> torch.Tensor:
-        # the probe times the model's forward and backward; a task loss may involve more than the
-        # model (a GAN's discriminator), so every float output is reduced the same way instead
-        if isinstance(out, torch.Tensor):
-            return out.float().pow(2).mean()
-        values = out.values() if isinstance(out, Mapping) else out
-        return sum(v.float().pow(2).mean() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
-
-    def probe() -> float:
-        return probe_bf16_speedup(model, inputs, surrogate, device.type)
-
-    try:
-        return resolve_precision(spec.precision, device, probe=probe)
-    except RuntimeError as err:  # a model the probe cannot run in bf16 trains in fp32
-        return PrecisionChoice("fp32", spec.precision, f"bf16 probe failed: {str(err).splitlines()[0][:200]}")
-
-
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-@torch.no_grad()
-def evaluate(models: Mapping[str, nn.Module], batches, task: Task, info: DataInfo, device: torch.device, amp,
-             first: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Tuple[Dict[str, float], Dict[str, Any]]]:
-    """(metrics, state) of each model over ``batches``, in one pass: the validation set is read (and,
-    when streamed, decoded) once for the raw and the EMA model. An empty ``first`` dict receives the
-    first batch (kept for samples)."""
-    training = [m for m in models.values() if m.training]  # restored after; a loaded (eval) model stays so
-    for m in training:
-        m.eval()
-    states = {name: task.new_metrics(info) for name in models}
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if first is not None and not first:
-            first.update(batch)
-        inputs, targets = task.inputs(batch)
-        for name, m in models.items():
-            with amp():
-                out = m(**inputs, **task.forward_kwargs)
-            task.update_metrics(states[name], out, targets, batch)
-    for m in training:
-        m.train()
-    return {name: (task.compute_metrics(st), st) for name, st in states.items()}
-
-
-def _batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
-    """Endless micro-batches, epoch after epoch (each epoch re-executes the Ray dataset)."""
+def batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+    """Endless (epoch, micro-batch) pairs, epoch after epoch (each epoch re-executes the Ray dataset)."""
     epoch = epoch_start
     while True:
         n = 0
@@ -216,169 +79,139 @@ def _batches(shard, spec: TrainSpec, task: Task, epoch_start: int) -> Iterator[T
         epoch += 1
 
 
-def schedule_at(opt: torch.optim.Optimizer, spec: TrainSpec, step: int, optim: Any = None, schedule: Any = None):
-    """A fresh scheduler for the current spec, advanced to ``step``. The LR is a function of the step
-    and the plan, so a resumed job that extends ``steps`` follows its new plan (a restored scheduler
-    state would keep the old horizon). ``optim``/``schedule``: another optimizer's sections (the
-    discriminator's); default the model's."""
-    import warnings
+@dataclass
+class Meter:
+    """Sums over the optimizer steps since the last log line."""
 
-    optim, schedule = optim or spec.optim, schedule or spec.schedule
-    for group in opt.param_groups:
-        group["lr"] = optim.lr * group.get("lr_scale", 1.0)
-        group.pop("initial_lr", None)
-    sched = build_scheduler(opt, kind=schedule.kind, total_steps=spec.steps, warmup_steps=schedule.warmup_steps,
-                            warmup_start_factor=schedule.warmup_start_factor, min_lr_ratio=schedule.min_lr_ratio)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
-        for _ in range(step):
-            sched.step()
-    return sched
+    t0: float = field(default_factory=time.perf_counter)
+    loss: float = 0.0
+    samples: int = 0
+    wait: float = 0.0  # seconds spent waiting for data
+    grad_norm: float = 0.0
+    steps: int = 0
+    lr: float = 0.0  # the learning rate of the latest step (logged as it is)
+    adversary: Dict[str, float] = field(default_factory=dict)  # the discriminator's METRICS
 
-
-def optimizer_step(model: nn.Module, base: nn.Module, task: Task, micro_batches: List[Dict[str, torch.Tensor]],
-                   opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float], *, step: Optional[int] = None,
-                   collect: Optional[List[Tuple[Any, torch.Tensor]]] = None) -> Tuple[float, float]:
-    """One optimizer step over ``len(micro_batches)`` accumulated micro-batches.
-
-    Each micro-loss is divided by the number of micro-batches, so the update equals the one of a
-    single batch k times larger; under DDP the gradient all-reduce runs only on the last micro-batch
-    (``no_sync`` on the others). ``collect`` receives each micro-batch's (detached output, targets)
-    (a GAN's discriminator step reuses them). Returns (mean micro-batch loss, gradient norm before
-    clipping).
-    """
-    k = len(micro_batches)
-    total = 0.0
-    for i, batch in enumerate(micro_batches):
-        inputs, targets = task.inputs(batch)
-        last = i == k - 1
-        sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with sync:
-            with amp():
-                out = model(**inputs, **task.forward_kwargs)
-            loss = task.loss(out, targets, step=step) / k
-            scaler.scale(loss).backward()
-        if collect is not None:
-            collect.append((task.prediction(out).detach(), targets))
-        total += float(loss.detach()) * k
-    scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), clip_norm or float("inf"))
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return total / k, float(grad_norm)
+    def add(self, loss: float, samples: int, grad_norm: float, lr: float, adversary: Mapping[str, float]) -> None:
+        self.loss += loss
+        self.samples += samples
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.lr = lr
+        for name, v in adversary.items():
+            self.adversary[name] = self.adversary.get(name, 0.0) + v
 
 
-@contextlib.contextmanager
-def frozen(module: Optional[nn.Module]):
-    """No gradients into ``module``'s parameters inside the block (the discriminator during the
-    generator's step: its weights must not move, and under DDP no gradient hook may fire)."""
-    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+@dataclass
+class Throughput:
+    """What turns a step rate into the logged throughput and MFU."""
+
+    flops: float  # forward FLOPs of one sample
+    n_params: int
+    unit_name: str  # frames or tokens (task.units_per_sample)
+    units: int  # per sample
+    peak: float  # FLOP/s of one worker (0: unknown, no MFU)
 
 
-def discriminator_step(d_model: nn.Module, d_base: nn.Module, task: Task, pairs: List[Tuple[torch.Tensor, torch.Tensor]],
-                       opt: torch.optim.Optimizer, scaler: Any, amp, clip_norm: Optional[float]) -> Dict[str, float]:
-    """One discriminator update on the generator's (detached output, real clip) pairs of this step,
-    accumulated like :func:`optimizer_step`. Returns the mean hinge loss, logits and gradient norm."""
-    k = len(pairs)
-    sums: Dict[str, float] = {}
-    for i, (fake, real) in enumerate(pairs):
-        sync = d_model.no_sync() if (i < k - 1 and hasattr(d_model, "no_sync")) else contextlib.nullcontext()
-        with sync:
-            with amp():
-                loss, parts = task.discriminator_loss(fake, real, d_model)
-            scaler.scale(loss / k).backward()
-        for name, v in parts.items():
-            sums[name] = sums.get(name, 0.0) + float(v) / k
-    scaler.unscale_(opt)
-    sums["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(d_base.parameters(), clip_norm or float("inf")))
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return sums
+@dataclass
+class TrainState:
+    """Everything one worker's training holds: built by :func:`setup`, positioned by :func:`resume`,
+    connected to DDP, the tracker and the data by :func:`start`."""
+
+    cfg: WorkerConfig
+    task: Task
+    rank: int
+    world: int
+    device: torch.device
+    base: nn.Module  # the model itself: checkpointed, evaluated and logged
+    ema: Optional[nn.Module]  # an AveragedModel of `base` (spec.ema)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # rebuilt from the step on resume (optim.schedule_at)
+    scaler: torch.amp.GradScaler  # enabled in fp16 only
+    choice: PrecisionChoice
+    amp: Callable[[], ContextManager[Any]]  # the autocast context of the chosen precision
+    adversary: Optional[Adversary] = None  # a GAN task's discriminator
+    run_params: Dict[str, Any] = field(default_factory=dict)  # logged once by a fresh run (the warm start's)
+    # the position: the step, and where in the data it is (saved in every checkpoint)
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    resumed_from: Optional[int] = None
+    # set by start()
+    model: Optional[nn.Module] = None  # what trains: `base` wrapped for DDP (and compiled)
+    tracker: Any = None
+    data: Optional[Iterator[Tuple[int, Dict[str, torch.Tensor]]]] = None
+    val_shard: Any = None  # None: no validation (or not rank 0's to run)
+    throughput: Optional[Throughput] = None
+    fault: Optional[Tuple[int, int]] = None  # (rank, step) to kill, see fault_plan
+    # what was logged, for the reports and the result
+    meter: Meter = field(default_factory=Meter)
+    history: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
+    last_train: Dict[str, float] = field(default_factory=dict)
+    last_eval: Dict[str, float] = field(default_factory=dict)
+    media_batch: Dict[str, torch.Tensor] = field(default_factory=dict)  # the first validation batch
+    media_dirs: List[str] = field(default_factory=list)
+
+    @property
+    def spec(self) -> TrainSpec:
+        return self.cfg.spec
+
+    @property
+    def info(self) -> DataInfo:
+        return self.cfg.data_info
+
+    @property
+    def final_model(self) -> nn.Module:
+        """What the training delivers: the EMA model when EMA is on, else the model."""
+        return self.ema.module if self.ema is not None else self.base
+
+    def checkpoint_parts(self) -> CheckpointParts:
+        parts = CheckpointParts(model=self.base, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
+                                scaler=self.scaler)
+        if self.adversary is not None:
+            self.adversary.add_checkpoint_parts(parts)
+        return parts
+
+    def record(self, metrics: Mapping[str, float]) -> None:
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append((self.step, v))
 
 
-def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
+def setup(cfg: WorkerConfig) -> TrainState:
+    """This worker's task, model, EMA, optimizer, schedule, precision and (GAN) discriminator, at step 0."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
-    from heygen_ray.models import unwrap_model
-    from heygen_ray.train import track
-
-    spec = TrainSpec.from_dict(config["spec"])  # re-validated on arrival
-    info = DataInfo(**config["data_info"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    # only rank 0 evaluates, so only rank 0 loads a judge
-    judge = load_judge(spec, info, config.get("tracking_uri"), device) if spec.judge is not None and rank == 0 else None
-    task = task_for(spec, judge)
-    torch.manual_seed(spec.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
-
-    warm = None
-    if config.get("init_model"):  # a given starting point (the pruned student), e.g. of another shape
-        from heygen_ray.tracking import load_model
-
-        model = load_model(config["init_model"]).train().to(device)
-    else:
-        model = build_model(spec, task, info)
-        warm = apply_init_from(model, spec, config.get("tracking_uri"))
-        model = model.to(device)
-    if config.get("distill"):  # the frozen teacher: outside DDP, not checkpointed with the student
-        from heygen_ray.train.tasks import DistillationTask
-        from heygen_ray.tracking import load_model
-
-        d = config["distill"]
-        task = DistillationTask(task, load_model(d["teacher"]).to(device), d["temperature"], d["alpha"],
-                                d.get("hidden_weight", 0.0))
+    spec = cfg.spec
+    start = prepare(cfg, rank, device)
+    model, task = start.model, start.task
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
     ema = make_ema(model, spec.ema.decay, spec.ema.warmup) if spec.ema.enabled else None
-    if hasattr(task, "attach_student"):
-        task.attach_student(model)
-    scales = None
-    if warm is not None and spec.model.init_from.lr_scale != 1.0:
-        scales = {name: spec.model.init_from.lr_scale for name in warm.copied}
-    opt = torch.optim.AdamW(param_groups(model, spec.optim.weight_decay, scales), lr=spec.optim.lr,
-                            betas=(spec.optim.beta1, spec.optim.beta2), eps=spec.optim.eps)
+    task.attach_student(model)  # after the EMA copy, which would copy any hook on the model
+    opt = adamw(model, spec.optim, start.lr_scales)
     sched = schedule_at(opt, spec, 0)
-    choice = choose_precision(spec, model, task, info, device, world, os.path.join(config["run_dir"], "precision.json"))
-    precision = choice.precision
-    use_fp16 = precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
-    # GAN: the discriminator (built by the task) has its own optimizer, schedule and grad scaler
-    disc = task.discriminator.to(device) if task.discriminator is not None else None
-    d_opt = d_sched = d_scaler = None
-    if disc is not None:
-        d_spec = spec.discriminator
-        d_opt = torch.optim.AdamW(param_groups(disc, d_spec.optim.weight_decay), lr=d_spec.optim.lr,
-                                  betas=(d_spec.optim.beta1, d_spec.optim.beta2), eps=d_spec.optim.eps)
-        d_sched = schedule_at(d_opt, spec, 0, d_spec.optim, d_spec.schedule)
-        d_scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
-    amp_dtype = precision_dtype(precision)
+    choice = choose_precision(spec, model, task, cfg.data_info, device, world, cfg.precision_record)
+    fp16 = choice.precision == "fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    return TrainState(cfg=cfg, task=task, rank=rank, world=world, device=device, base=model, ema=ema, optimizer=opt,
+                      scheduler=sched, scaler=scaler, choice=choice, amp=autocast(device.type, choice.precision),
+                      adversary=Adversary.build(task, spec, device, fp16), run_params=start.run_params)
 
-    def amp():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
-    # Resume from the newest checkpoint Ray Train knows of, or the newest complete one in our own
-    # folder: Ray registers a reported checkpoint when its controller next polls the workers, so a
-    # worker that dies right after reporting can leave Ray one checkpoint behind.
-    step, epoch, resumed_from = 0, 0, None
-    own_root = os.path.join(config["run_dir"], "checkpoints")
-    own = latest_checkpoint(own_root)
+def resume(state: TrainState) -> None:
+    """Continue from the newest checkpoint Ray Train knows of, or the newest complete one in the run's
+    own folder: Ray registers a reported checkpoint when its controller next polls the workers, so a
+    worker that dies right after reporting can leave Ray one checkpoint behind. A fresh run stays at
+    step 0."""
+    import ray.train
+
+    own = latest_checkpoint(state.cfg.checkpoints_root)
     own_step = read_meta(own).step if own is not None else -1
-    # the GAN's discriminator and its optimizer state travel in every checkpoint beside the model's
-    gan_parts: Dict[str, Any] = {} if disc is None else dict(
-        modules={"discriminator": disc}, optimizers={"discriminator_optimizer": d_opt, "discriminator_scaler": d_scaler})
-    parts: Dict[str, Any] = dict(model=model, ema=ema, optimizer=opt, scaler=scaler, **gan_parts)
+    parts = state.checkpoint_parts().to_restore()
     meta, source = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -387,177 +220,216 @@ def train_loop_per_worker(config: Dict[str, Any]) -> Dict[str, Any]:
                 meta, source = load_checkpoint(d, **parts), "ray"
     if meta is None and own is not None:
         meta, source = load_checkpoint(own, **parts), "own"
-    if meta is not None:
-        step, epoch, resumed_from = meta.step, int(meta.data_position.get("epoch", 0)), meta.step
-        log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", rank, step, epoch, source)
-        sched = schedule_at(opt, spec, step)
-        if disc is not None:
-            d_sched = schedule_at(d_opt, spec, step, spec.discriminator.optim, spec.discriminator.schedule)
+    if meta is None:
+        return
+    state.step = state.resumed_from = meta.step
+    state.epoch = int(meta.data_position.get("epoch", 0))
+    log.warning("[rank %d] resumed from step %d (epoch %d, %s checkpoint)", state.rank, state.step, state.epoch, source)
+    state.scheduler = schedule_at(state.optimizer, state.spec, state.step)
+    if state.adversary is not None:
+        state.adversary.schedule_at(state.step)
 
-    base = model
-    model = ray.train.torch.prepare_model(model)
-    d_model = ray.train.torch.prepare_model(disc) if disc is not None else None
+
+def start(state: TrainState) -> None:
+    """Wrap the model(s) for DDP (and compile), attach the tracker (a fresh run logs its params), the
+    data and the throughput figures."""
+    import ray.train
+    import ray.train.torch
+
+    from heygen_ray.models import unwrap_model
+    from heygen_ray.train import track
+
+    spec, cfg, task, info = state.spec, state.cfg, state.task, state.info
+    state.model = ray.train.torch.prepare_model(state.base)
+    if state.adversary is not None:
+        state.adversary.distribute(ray.train.torch.prepare_model)
     if spec.compile:
-        model = torch.compile(model)
-    tracker = track.attach(spec.tracking.to_dict(), config["run_dir"], rank=rank, run_id=config.get("mlflow_run_id"))
-    if resumed_from is None:  # a resumed run logged its choice already (a retry logs the same values again)
-        tracker.log_params(choice.to_params())
-        if warm is not None:
-            tracker.log_params({"init_from": spec.model.init_from.uri, **warm.summary()})
+        state.model = torch.compile(state.model)
+    state.tracker = track.attach(spec.tracking.to_dict(), cfg.run_dir, rank=state.rank, run_id=cfg.mlflow_run_id)
+    if state.resumed_from is None:  # a resumed run logged its choice already (a retry logs the same values again)
+        state.tracker.log_params(state.choice.to_params())
+        if state.run_params:
+            state.tracker.log_params(state.run_params)
     shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    flops = unwrap_model(base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0])
-    n_params = sum(p.numel() for p in base.parameters())
+    state.val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     unit_name, units = task.units_per_sample(info)
-    peaks = config.get("peak_flops") or {}
-    peak = spec.peak_flops or float((peaks.get(precision) if isinstance(peaks, dict) else peaks) or 0.0)
-    fault = fault_plan(spec)
-    fault_marker = os.path.join(config["run_dir"], f".fault-{spec.name}")
+    state.throughput = Throughput(
+        flops=unwrap_model(state.base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0]),
+        n_params=sum(p.numel() for p in state.base.parameters()), unit_name=unit_name, units=units,
+        peak=cfg.peak_for(state.choice.precision))
+    state.fault = fault_plan(spec)
+    state.meter = Meter()
+    state.data = batches(shard, spec, task, state.epoch)
+    state.model.train()
 
-    history: Dict[str, List[Tuple[int, float]]] = {}
-    def new_window() -> Dict[str, float]:  # sums over the optimizer steps since the last log line
-        return {"loss": 0.0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "grad_norm": 0.0, "steps": 0}
 
-    window = new_window()
-    last_eval: Dict[str, float] = {}
-    last_train: Dict[str, float] = {}
-    data = _batches(shard, spec, task, epoch)
-    batches_in_epoch = 0
-    model.train()
+def _next_micro_batches(state: TrainState) -> List[Dict[str, torch.Tensor]]:
+    """The next grad_accum_steps micro-batches on the device; keeps the data position."""
+    out = []
+    for _ in range(state.spec.grad_accum_steps):
+        t_wait = time.perf_counter()
+        epoch, batch = next(state.data)
+        state.meter.wait += time.perf_counter() - t_wait
+        if epoch != state.epoch:
+            state.epoch, state.batches_in_epoch = epoch, 0
+        state.batches_in_epoch += 1
+        out.append({k: v.to(state.device, non_blocking=True) for k, v in batch.items()})
+    return out
 
-    media_batch: Dict[str, torch.Tensor] = {}  # filled by the first evaluation
 
-    def run_eval(final: bool = False) -> None:
-        """Rank 0 only (no collective): exact metrics on the unsplit validation set, raw and EMA."""
-        nonlocal last_eval
-        if val_shard is None or rank != 0:
-            return
-        models = {"val": base} if ema is None else {"val": base, "val_ema": ema.module}
-        res = evaluate(models, val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)),
-                       task, info, device, amp, first=media_batch)
-        last_eval = {f"{prefix}_{k}": v for prefix, (metrics, _) in res.items() for k, v in metrics.items()}
-        state = res["val_ema" if ema is not None else "val"][1]
-        tracker.log_metrics(last_eval, step)
-        for k, v in last_eval.items():
-            history.setdefault(k, []).append((step, v))
-        if final and "confusion" in state:
-            tracker.log_confusion_matrix(state["confusion"].tolist(), info.label_names, "confusion_matrix")
-        log_media()
+def train_step(state: TrainState) -> None:
+    """One optimizer step of the model over grad_accum_steps micro-batches, then (GAN) one of the
+    discriminator on the clips this step generated; the EMA update; the step's sums for the log."""
+    micro_batches = _next_micro_batches(state)
+    lr = state.optimizer.param_groups[0]["lr"]
+    adversary = state.adversary
+    pairs: Optional[List[Tuple[Any, torch.Tensor]]] = [] if adversary is not None else None
+    with frozen(adversary.model if adversary is not None else None):  # the generator's adversarial term reaches D: no gradients there
+        loss, grad_norm = optimizer_step(state.model, state.base, state.task, micro_batches, state.optimizer,
+                                         state.scaler, state.amp, state.spec.optim.grad_clip_norm, step=state.step,
+                                         collect=pairs)
+    state.scheduler.step()
+    d_stats = adversary.step(state.task, pairs, state.amp) if adversary is not None else {}
+    if state.ema is not None:
+        state.ema.update_parameters(state.base)
+    state.step += 1
+    samples = sum(len(next(iter(b.values()))) for b in micro_batches)
+    state.meter.add(loss, samples, grad_norm, lr, d_stats)
 
-    def log_media() -> None:
-        """Rank 0: what the model (EMA when on) makes of a fixed set of validation examples, as files in
-        <run_dir>/samples/step_XXXXXXXX/ and the MLflow artifacts samples/step_XXXXXXXX/."""
-        if type(task).media is Task.media or not media_batch:
-            return
-        n = getattr(task, "MEDIA_SAMPLES", 4)  # the first validation rows, the same at every evaluation
-        fixed = {k: v[:n] for k, v in media_batch.items()}
-        files = task.media(ema.module if ema is not None else base, fixed, info)
-        if not files:
-            return
-        folder = os.path.join(config["run_dir"], "samples", f"step_{step:08d}")
-        os.makedirs(folder, exist_ok=True)
-        for name, data in files.items():
-            with open(os.path.join(folder, name), "wb") as f:
-                f.write(data)
-        tracker.log_artifact(folder, f"samples/step_{step:08d}")
-        media_dirs.append(folder)
 
-    media_dirs: List[str] = []
+def inject_fault(state: TrainState) -> None:
+    """Fault injection (spec.fault or HEYGEN_FAULT): kill this worker at the planned step, once per run."""
+    if state.fault is None or state.rank != state.fault[0] or state.step != state.fault[1]:
+        return
+    marker = state.cfg.fault_marker
+    if os.path.exists(marker):  # a later attempt of the run: it trains through
+        return
+    open(marker, "w").write(f"killed rank {state.rank} at step {state.step}\n")
+    log.error("fault injection: killing rank %d at step %d", state.rank, state.step)
+    os._exit(1)
 
-    def report() -> None:
-        """Every rank (a barrier): metrics, and rank 0's checkpoint."""
-        metrics: Dict[str, Any] = {"step": step, "epoch": epoch, "model_gflops": flops / 1e9, "model_params_m": n_params / 1e6}
-        metrics.update(last_eval)
-        metrics.update(last_train)
-        checkpoint = None
-        if rank == 0:  # our own folder first, then the same directory is handed to Ray Train
-            path = commit_checkpoint(own_root, spec.keep_checkpoints, model=base, ema=ema, optimizer=opt,
-                                     scheduler=sched, scaler=scaler, step=step, epoch=epoch, **gan_parts,
-                                     data_position={"epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                                     spec=spec.to_dict(), extra={"data_info": info.to_dict()})
-            checkpoint = Checkpoint.from_directory(path)
-        ray.train.report(metrics, checkpoint=checkpoint)
 
-    while step < spec.steps:
-        micro_batches = []
-        for _ in range(spec.grad_accum_steps):
-            t_wait = time.perf_counter()
-            e, batch = next(data)
-            window["wait"] += time.perf_counter() - t_wait
-            if e != epoch:
-                epoch, batches_in_epoch = e, 0
-            batches_in_epoch += 1
-            micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        lr_used = opt.param_groups[0]["lr"]
-        pairs: Optional[List[Tuple[Any, torch.Tensor]]] = [] if disc is not None else None
-        with frozen(disc):  # the generator's adversarial term reaches D: no gradients there
-            loss_value, grad_norm = optimizer_step(model, base, task, micro_batches, opt, scaler, amp,
-                                                   spec.optim.grad_clip_norm, step=step, collect=pairs)
-        window["loss"] += loss_value
-        window["samples"] += sum(len(next(iter(b.values()))) for b in micro_batches)
-        sched.step()
-        if disc is not None:  # alternating: then the discriminator, on this step's generated clips
-            d_stats = discriminator_step(d_model, disc, task, pairs, d_opt, d_scaler, amp, spec.discriminator.optim.grad_clip_norm)
-            d_stats["d_lr"] = d_opt.param_groups[0]["lr"]
-            d_sched.step()
-            for name, v in d_stats.items():
-                window[name] = window.get(name, 0.0) + v
-        if ema is not None:
-            ema.update_parameters(base)
-        step += 1
-        window["grad_norm"] += grad_norm
-        window["steps"] += 1
+def log_train(state: TrainState) -> None:
+    """The training metrics of the steps since the last log line: logged (rank 0), kept for the reports."""
+    meter, tp, world = state.meter, state.throughput, state.world
+    dt = time.perf_counter() - meter.t0
+    n = max(meter.steps, 1)
+    sps = meter.samples * world / max(dt, 1e-9)
+    m = {
+        "train_loss": meter.loss / n,
+        "lr": meter.lr,
+        "grad_norm": meter.grad_norm / n,
+        "samples_per_s": sps,
+        f"{tp.unit_name}_per_s": sps * tp.units,
+        "data_wait_share": meter.wait / max(dt, 1e-9),
+        "memory_mb": _memory_mb(state.device),
+    }
+    for name in ADVERSARY_METRICS:
+        if name in meter.adversary:
+            m[name] = meter.adversary[name] / n
+    if tp.peak > 0:
+        m["mfu"] = 3.0 * tp.flops * (sps / world) / tp.peak  # fwd + bwd ~ 3x forward FLOPs, per worker
+    state.tracker.log_metrics(m, state.step)
+    state.last_train = m
+    state.record(m)
+    state.meter = Meter()
 
-        if fault is not None and rank == fault[0] and step == fault[1] and not os.path.exists(fault_marker):
-            open(fault_marker, "w").write(f"killed rank {rank} at step {step}\n")
-            log.error("fault injection: killing rank %d at step %d", rank, step)
-            os._exit(1)
 
-        if step % spec.log_every_n_steps == 0 or step == spec.steps:
-            dt = time.perf_counter() - window["t0"]
-            sps = window["samples"] * world / max(dt, 1e-9)
-            m = {
-                "train_loss": window["loss"] / max(window["steps"], 1),
-                "lr": lr_used,
-                "grad_norm": window["grad_norm"] / max(window["steps"], 1),
-                "samples_per_s": sps,
-                f"{unit_name}_per_s": sps * units,
-                "data_wait_share": window["wait"] / max(dt, 1e-9),
-                "memory_mb": _memory_mb(device),
-            }
-            for name in ("d_loss", "d_real", "d_fake", "d_grad_norm", "d_lr"):
-                if name in window:
-                    m[name] = window[name] / max(window["steps"], 1)
-            if peak > 0:
-                m["mfu"] = 3.0 * flops * (sps / world) / peak  # fwd + bwd ~ 3x forward FLOPs, per worker
-            tracker.log_metrics(m, step)
-            last_train.clear()
-            last_train.update(m)
-            for k, v in m.items():
-                history.setdefault(k, []).append((step, v))
-            window = new_window()
+def validate(state: TrainState, final: bool = False) -> None:
+    """Rank 0 only (no collective): exact metrics on the unsplit validation set, raw and EMA; the
+    confusion matrix at the end; the media samples."""
+    if state.val_shard is None or state.rank != 0:
+        return
+    spec, task = state.spec, state.task
+    models = {"val": state.base} if state.ema is None else {"val": state.base, "val_ema": state.ema.module}
+    res = evaluate(models, state.val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=dict(task.dtypes)),
+                   task, state.info, state.device, state.amp, first=state.media_batch)
+    state.last_eval = {f"{prefix}_{k}": v for prefix, (metrics, _) in res.items() for k, v in metrics.items()}
+    scored = res["val_ema" if state.ema is not None else "val"][1]
+    state.tracker.log_metrics(state.last_eval, state.step)
+    state.record(state.last_eval)
+    if final and "confusion" in scored:
+        state.tracker.log_confusion_matrix(scored["confusion"].tolist(), state.info.label_names, "confusion_matrix")
+    log_media(state)
 
-        if step % spec.eval_every_n_steps == 0 and step < spec.steps:
-            run_eval()
-        if step % spec.checkpoint_every_n_steps == 0 and step < spec.steps:
-            report()
-    run_eval(final=True)
-    report()
 
-    result: Dict[str, Any] = {"step": step, "resumed_from": resumed_from, "precision": precision,
-                              "precision_reason": choice.reason,
-                              "val_history": {k: v for k, v in history.items() if k.startswith("val_")}}
-    if media_dirs:
-        result["samples_dirs"] = media_dirs
-    if rank == 0:
-        final = ema.module if ema is not None else base
-        tracker.log_curve_plot(history, "curves")
-        text = task.samples(final, info)
-        if text:
-            tracker.log_text(text, "samples.txt")
-            result["samples"] = text
-        logged = track.log_final_model(tracker, final, spec=spec, info=info, task=task,
-                                       overrides=model_overrides(spec, task, info), precision=precision)
-        if logged:
-            result.update(logged)
+def log_media(state: TrainState) -> None:
+    """Rank 0: what the final model makes of a fixed set of validation examples, as files in
+    <run_dir>/samples/step_XXXXXXXX/ and the MLflow artifacts samples/step_XXXXXXXX/."""
+    task = state.task
+    if type(task).media is Task.media or not state.media_batch:
+        return
+    n = getattr(task, "MEDIA_SAMPLES", 4)  # the first validation rows, the same at every evaluation
+    fixed = {k: v[:n] for k, v in state.media_batch.items()}
+    files = task.media(state.final_model, fixed, state.info)
+    if not files:
+        return
+    folder = os.path.join(state.cfg.run_dir, "samples", f"step_{state.step:08d}")
+    os.makedirs(folder, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    state.tracker.log_artifact(folder, f"samples/step_{state.step:08d}")
+    state.media_dirs.append(folder)
+
+
+def report(state: TrainState) -> None:
+    """Every rank (a barrier): the latest metrics to Ray Train, with rank 0's checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    spec, tp = state.spec, state.throughput
+    metrics: Dict[str, Any] = {"step": state.step, "epoch": state.epoch, "model_gflops": tp.flops / 1e9,
+                               "model_params_m": tp.n_params / 1e6, **state.last_eval, **state.last_train}
+    checkpoint = None
+    if state.rank == 0:  # our own folder first, then the same directory is handed to Ray Train
+        path = commit_checkpoint(state.cfg.checkpoints_root, spec.keep_checkpoints, step=state.step, epoch=state.epoch,
+                                 data_position={"epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch},
+                                 spec=spec.to_dict(), extra={"data_info": state.info.to_dict()},
+                                 **state.checkpoint_parts().to_save())
+        checkpoint = Checkpoint.from_directory(path)
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def finish(state: TrainState) -> Dict[str, Any]:
+    """The worker's result; rank 0 logs the curves, the text samples and the final model."""
+    from heygen_ray.train import track
+
+    result: Dict[str, Any] = {"step": state.step, "resumed_from": state.resumed_from, "precision": state.choice.precision,
+                              "precision_reason": state.choice.reason,
+                              "val_history": {k: v for k, v in state.history.items() if k.startswith("val_")}}
+    if state.media_dirs:
+        result["samples_dirs"] = state.media_dirs
+    if state.rank != 0:
+        return result
+    spec, task, info, final = state.spec, state.task, state.info, state.final_model
+    state.tracker.log_curve_plot(state.history, "curves")
+    text = task.samples(final, info)
+    if text:
+        state.tracker.log_text(text, "samples.txt")
+        result["samples"] = text
+    logged = track.log_final_model(state.tracker, final, spec=spec, info=info, task=task,
+                                   overrides=model_overrides(spec, task, info), precision=state.choice.precision)
+    if logged:
+        result.update(logged)
     return result
+
+
+def train_loop_per_worker(config: Union[WorkerConfig, Mapping[str, Any]]) -> Dict[str, Any]:
+    """One worker's training. ``config``: a WorkerConfig or its to_dict() (what the driver hands Ray Train)."""
+    state = setup(WorkerConfig.coerce(config))
+    resume(state)
+    start(state)
+    spec = state.spec
+    while state.step < spec.steps:
+        train_step(state)
+        inject_fault(state)
+        if state.step % spec.log_every_n_steps == 0 or state.step == spec.steps:
+            log_train(state)
+        if state.step % spec.eval_every_n_steps == 0 and state.step < spec.steps:
+            validate(state)
+        if state.step % spec.checkpoint_every_n_steps == 0 and state.step < spec.steps:
+            report(state)
+    validate(state, final=True)
+    report(state)
+    return finish(state)

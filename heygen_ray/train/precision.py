@@ -8,21 +8,27 @@ precisions and keeps bf16 only when it is faster by a margin. On CUDA, bf16 wher
 it (no probe: it is always faster there), else fp32. fp16 is never chosen automatically: it needs a
 gradient scaler and its range can overflow; ask for it explicitly.
 
-Pure PyTorch, no Ray: the training loop calls `resolve_precision` and logs the decision.
+Pure PyTorch, no Ray: each training worker calls `choose_precision` (rank 0 decides, the others
+take its answer over torch.distributed) and the loop logs the decision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, FrozenSet, Mapping, Optional
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Mapping, Optional
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "precision.json"  # <run_dir>/precision.json: the run's choice, kept for its later attempts
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # hardware bf16 matmuls (AMX tiles, or AVX-512 dot products)
 MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this factor in the probe (timing noise on a busy machine)
 
@@ -142,3 +148,62 @@ def amp_dtype(precision: str) -> Optional[torch.dtype]:
     if precision == "auto":
         raise ValueError("resolve precision 'auto' first (resolve_precision)")
     return AMP_DTYPES.get(precision)
+
+
+def autocast(device_type: str, precision: str) -> Callable[[], ContextManager[Any]]:
+    """A zero-argument factory of the autocast context of a resolved precision (a null context in fp32)."""
+    dtype = amp_dtype(precision)
+
+    def amp() -> ContextManager[Any]:
+        return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    return amp
+
+
+def choose_precision(spec: Any, model: nn.Module, task: Any, info: Any, device: torch.device,
+                     world: int, record: Optional[str] = None) -> PrecisionChoice:
+    """Resolve ``spec.precision`` (a TrainSpec's; ``auto``: CPU flags, then a probe of this model's
+    own step at the training batch size). Rank 0 decides and every rank takes its answer, so all
+    workers train alike. ``record``: a file where rank 0 keeps the run's choice; a later attempt of
+    the run (a retry after a failure, a resume) takes it from there instead of probing again, so it
+    trains in the precision its checkpoints were made in and logs the same run params."""
+    import torch.distributed as dist
+
+    shared = world > 1 and spec.precision == "auto"
+    rank = dist.get_rank() if shared else 0
+    choice: Optional[PrecisionChoice] = None
+    if rank == 0:
+        choice = read_choice(record, spec.precision) if record else None
+        if choice is None:
+            choice = _resolve(spec, model, task, info, device)
+            if record:
+                write_choice(record, choice)
+    if shared:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if spec.precision == "auto":
+        log.warning("precision auto -> %s (%s)", choice.precision, choice.reason)
+    return choice
+
+
+def _resolve(spec: Any, model: nn.Module, task: Any, info: Any, device: torch.device) -> PrecisionChoice:
+    batch = {k: v.to(device) for k, v in task.example_batch(info, spec.batch_size).items()}
+    inputs, _ = task.inputs(batch)
+    inputs = {**inputs, **task.forward_kwargs}
+
+    def surrogate(out: Any) -> torch.Tensor:
+        # the probe times the model's forward and backward; a task loss may involve more than the
+        # model (a GAN's discriminator), so every float output is reduced the same way instead
+        if isinstance(out, torch.Tensor):
+            return out.float().pow(2).mean()
+        values = out.values() if isinstance(out, Mapping) else out
+        return sum(v.float().pow(2).mean() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+    def probe() -> float:
+        return probe_bf16_speedup(model, inputs, surrogate, device.type)
+
+    try:
+        return resolve_precision(spec.precision, device, probe=probe)
+    except RuntimeError as err:  # a model the probe cannot run in bf16 trains in fp32
+        return PrecisionChoice("fp32", spec.precision, f"bf16 probe failed: {str(err).splitlines()[0][:200]}")

@@ -52,6 +52,10 @@ class Task:
         """Overrides the data dictates (classes, vocabulary); the YAML's overrides win over none of these."""
         return {}
 
+    def attach_student(self, model: torch.nn.Module) -> None:
+        """Called once with the model about to be trained (unwrapped, after its EMA copy is made): a
+        task that reads the model's own forwards (hidden-state distillation) hooks in here."""
+
     def example_batch(self, info: DataInfo, batch_size: int = 2) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -280,7 +284,8 @@ class TextToVideoTask(CaptionedClipTask):
     def prediction(self, outputs):
         return outputs["video"] if isinstance(outputs, dict) else outputs
 
-    def discriminator_loss(self, outputs: torch.Tensor, targets: torch.Tensor, discriminator: torch.nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def discriminator_loss(self, outputs: torch.Tensor, targets: torch.Tensor,
+                           discriminator: torch.nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Hinge loss of ``discriminator`` (the DDP-wrapped one while training) on real clips vs
         detached generated ones, in one forward over both (one DDP forward per backward)."""
         from heygen_ray.losses import discriminator_hinge_loss
@@ -315,7 +320,8 @@ class TextToVideoTask(CaptionedClipTask):
 
     def compute_metrics(self, state):
         n = max(float(state["count"]), 1.0)
-        keys = ["psnr", "ssim", "temporal"] + (["baseline_psnr", "baseline_ssim", "baseline_temporal"] if state["mean_clip"] is not None else [])
+        baseline = ["baseline_psnr", "baseline_ssim", "baseline_temporal"] if state["mean_clip"] is not None else []
+        keys = ["psnr", "ssim", "temporal"] + baseline
         out = {k: float(state[k]) / n for k in keys}
         out["samples"] = float(state["count"])
         if self.judge is not None:

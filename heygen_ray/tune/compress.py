@@ -19,9 +19,10 @@ final variant's figures (``quality``, ``quality_delta`` vs the teacher, ``p50_ms
 is nothing for ASHA to stop early (``SweepSpec`` rejects ``scheduler.kind: asha`` for this stage);
 quality vs latency is a multi-objective Optuna search and the sweep's Pareto front.
 
-CPUs: a trial holds its driver (``trial_cpus``) plus its distillation run's Train workers and video
-decoder, counted by :func:`heygen_ray.tune.sweep.trial_cpus` from ``train.scaling`` and
-``train.data.video`` as for a training sweep (on 2 CPUs with the shipped sizes: one trial at a time).
+CPUs: a trial holds its driver (``SweepSpec.trial_cpus``) plus its distillation run's Train workers
+and video decoder, which the launcher counts from ``train.scaling`` and ``train.data.video``
+(:meth:`CompressStage.train_of`) as for a training sweep (on 2 CPUs with the shipped sizes: one
+trial at a time).
 The trial's own measurements (pruning, int8 calibration and compilation, latencies) run in the trial
 actor while its workers are gone; Ray starts that actor with OMP_NUM_THREADS=1 (its CPU is fractional)
 unless the environment sets it, so every trial measures latency on one thread (``measure.threads``
@@ -32,15 +33,25 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import logging
-import os
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 from heygen_ray import fsutil
-from heygen_ray.config import CompressSpec, ConfigError, SweepSpec, TrainSpec, validate_spec
-from heygen_ray.tune.space import SearchSpace, plain_values, set_path
-from heygen_ray.tune.sweep import TRIAL_TAG, SweepPlan, Stage, check_searchable, load_base
+from heygen_ray.config import CompressSpec, ConfigError, Spec, SweepSpec, TrainSpec, validate_spec
+from heygen_ray.tune.space import SearchSpace
+from heygen_ray.tune.stage import (
+    Stage,
+    SweepPlan,
+    check_searchable,
+    drop_sweep_tracking,
+    enter_trial,
+    load_base,
+    nest_trial_tracking,
+    objectives_of,
+    sweep_dir_of,
+    with_values,
+)
+from heygen_ray.uris import is_model_uri
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +77,7 @@ def _absolutize(spec: CompressSpec) -> CompressSpec:
     d["run_dir"] = fsutil.absolute(d["run_dir"])
     d["train"] = absolutize(spec.train).to_dict()
     teacher = d.get("teacher")
-    if teacher and "://" not in teacher and not teacher.startswith("models:/"):
+    if teacher and "://" not in teacher and not is_model_uri(teacher):
         d["teacher"] = fsutil.absolute(teacher)
     return CompressSpec.from_dict(d)
 
@@ -95,11 +106,8 @@ def plan_compress(spec: SweepSpec) -> SweepPlan:
     check_searchable(spec, space)
 
     task = base_spec.train.task
-    if spec.metric is None:
-        metric, mode = "quality", get_task(task).primary_mode
-    else:
-        metric, mode = spec.metric, spec.mode or "max"
-    objectives = [(metric, mode)] + [(o.metric, o.mode) for o in spec.objectives]
+    objectives = objectives_of(spec, lambda: ("quality", get_task(task).primary_mode))
+    metric, mode = objectives[0]
     for name, _ in objectives:
         if name not in REPORT_KEYS:
             close = difflib.get_close_matches(name, REPORT_KEYS, n=1)
@@ -107,8 +115,8 @@ def plan_compress(spec: SweepSpec) -> SweepPlan:
             raise ConfigError(f"metric {name!r} is not reported by a compress trial{hint}; reported: {', '.join(REPORT_KEYS)}")
     steps = [_planned(base)] + [_planned(space.apply(v)) for v in space.samples_to_check()]
     return SweepPlan(spec=spec, base=base, portable=portable, space=space, metric=metric, mode=mode,
-                     objectives=objectives, sweep_dir=os.path.join(fsutil.absolute(spec.run_dir), spec.name),
-                     max_steps=max(steps), grace_period=0, task=task)
+                     objectives=objectives, sweep_dir=sweep_dir_of(spec), max_steps=max(steps), grace_period=0,
+                     task=task, stage=COMPRESS_STAGE)
 
 
 def check_compress(plan: SweepPlan) -> Tuple[Dict[str, Any], Any]:
@@ -135,11 +143,11 @@ def teacher_for_trials(plan: SweepPlan, ctx: Dict[str, Any]) -> None:
         d["tracking"] = {**d["tracking"], **ctx["tracking"], "tags": {**ctx["tracking"]["tags"], ROLE_TAG: "teacher"}}
         log.info("sweep %s: training the teacher every trial compresses (%d steps)", plan.spec.name, plan.base["teacher_steps"])
         out = train_teacher(CompressSpec.from_dict(d, source="the sweep's teacher"))
-        uri = out.get("checkpoint_uri")
+        uri = out.checkpoint_uri
         if not uri:
             raise RuntimeError(f"sweep {plan.spec.name}: the teacher's training left no checkpoint")
-        plan.extra["teacher_model_uri"] = out.get("model_uri")
-        plan.extra["teacher_metrics"] = out.get("metrics", {})
+        plan.extra["teacher_model_uri"] = out.model_uri
+        plan.extra["teacher_metrics"] = out.metrics
     plan.extra["teacher_uri"] = uri
     ctx["teacher_uri"] = uri
 
@@ -149,9 +157,7 @@ def compress_trial_spec(ctx: Mapping[str, Any], values: Mapping[str, Any], trial
     tracking nested under the sweep's run, no registry versions, no extra exports, no reference variants
     but the bf16 teacher. Re-validated here (a sampled float
     for an int field fails loudly, naming the path)."""
-    d = json.loads(json.dumps(ctx["base"]))
-    for path, value in plain_values(values).items():
-        set_path(d, path, value)
+    d = with_values(ctx["base"], values)
     d["name"] = f"{ctx['name']}_{trial_id}"
     d["run_dir"] = ctx["trials_dir"]
     if ctx.get("teacher_uri"):
@@ -159,11 +165,7 @@ def compress_trial_spec(ctx: Mapping[str, Any], values: Mapping[str, Any], trial
     d["registered_model_name"] = None  # trials measure; the best config, re-run, registers
     d["quantize"]["export_pt2"] = False  # nor do they export the fp32/bf16 students (not what they report)
     d["measure"]["variants"] = ["teacher_bf16"]  # what a trial reports: the final variant, its speedups vs fp32/bf16
-    tracking = dict(d.get("tracking") or {})
-    tracking.update(ctx["tracking"])
-    tracking["tags"] = {**(d.get("tracking") or {}).get("tags", {}), **ctx["tracking"].get("tags", {}), TRIAL_TAG: trial_id}
-    tracking["registered_model_name"] = None
-    d["tracking"] = tracking
+    nest_trial_tracking(d, ctx, trial_id)
     shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
     return CompressSpec.from_dict(d, source=f"trial {trial_id} [{shown}]")
 
@@ -180,41 +182,59 @@ def trial_result(out: Mapping[str, Any], spec: CompressSpec) -> Dict[str, Any]:
 
 def run_compress_trial(config: Dict[str, Any], ctx: Dict[str, Any]) -> None:
     """Tune's function trainable for a compression sweep: one compression job, one report."""
-    import ray.data
     import ray.tune
 
     from heygen_ray.compress.stage import run_compression
 
-    if os.path.isdir(ctx["cwd"]):
-        os.chdir(ctx["cwd"])
-    data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = False
-    data_ctx.print_on_execution_start = False
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = enter_trial(ctx)
     spec = compress_trial_spec(ctx, config["params"], trial_id)
-    out = run_compression(spec)
+    out = run_compression(spec).to_dict()
     ray.tune.report(trial_result(out, spec))
 
 
 def best_compress_config(plan: SweepPlan, params: Mapping[str, Any]) -> Dict[str, Any]:
     """The best trial as a ready-to-run compression YAML (as written: relative paths kept), with the
     sweep's teacher, so a re-run compresses the model the sweep measured (and registers its variants)."""
-    d = json.loads(json.dumps(plan.portable))
-    for path, value in plain_values(params).items():
-        set_path(d, path, value)
+    d = with_values(plan.portable, params)
     d["name"] = f"{plan.spec.name}_best"
     if plan.extra.get("teacher_uri"):
         d["teacher"] = plan.extra["teacher_uri"]
-    tracking = d.get("tracking") or {}
-    tracking.pop("parent_run_id", None)
-    if tracking:
-        d["tracking"] = tracking
+    drop_sweep_tracking(d)
     CompressSpec.from_dict(d, source="best config")  # it must load as it is written
     return d
 
 
-COMPRESS_STAGE = Stage(
-    name="compress", spec_cls=CompressSpec, plan=plan_compress, check=check_compress, before_trials=teacher_for_trials,
-    trial=run_compress_trial, train_of=lambda spec: spec.train,
-    planned_steps=lambda plan, params: _planned(plan.space.apply(params)), best_config=best_compress_config,
-    run_command="heygen-ray compress", register_best=False)
+class CompressStage(Stage):
+    name = "compress"
+    spec_cls = CompressSpec
+    run_command = "heygen-ray compress"
+    register_best = False  # trials measure; the best config, re-run, registers its variants
+
+    def plan(self, spec: SweepSpec) -> SweepPlan:
+        return plan_compress(spec)
+
+    def check(self, plan: SweepPlan) -> Tuple[Dict[str, Any], Any]:
+        return check_compress(plan)
+
+    def before_trials(self, plan: SweepPlan, ctx: Dict[str, Any]) -> None:
+        teacher_for_trials(plan, ctx)
+
+    def trainable(self) -> Callable[..., None]:
+        return run_compress_trial
+
+    def train_of(self, spec: Spec) -> TrainSpec:
+        return spec.train
+
+    def planned_steps(self, plan: SweepPlan, params: Mapping[str, Any]) -> int:
+        return _planned(plan.space.apply(params))
+
+    def best_config(self, plan: SweepPlan, params: Mapping[str, Any]) -> Dict[str, Any]:
+        return best_compress_config(plan, params)
+
+    def check_concurrency(self, plan: SweepPlan, concurrent: int) -> None:
+        if concurrent > 1:
+            log.warning("%d compress trials at a time: their latency measurements share the machine's cores "
+                        "(set max_concurrent_trials: 1 for latencies measured alone)", concurrent)
+
+
+COMPRESS_STAGE = CompressStage()

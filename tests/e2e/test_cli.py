@@ -50,18 +50,6 @@ def test_data_job_smoke_test_end_to_end(tmp_path):
     assert "video pipeline" in r.stdout and "text pipeline" in r.stdout
 
 
-@pytest.mark.slow
-def test_train_job_smoke_test_end_to_end(tmp_path):
-    r = run(sys.executable, "jobs/train.py", "--config", "configs/train/language_modeling.yaml", "--smoke-test",
-            f"run_dir={tmp_path}/runs", f"data.synth.output_dir={tmp_path}/data")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / "runs" / "language_modeling" / "results.json").read_text())
-    assert res["step"] == 12 and res["model_version"] == "1" and res["registered_model_name"] == "text_decoder"
-    assert res["tracking_uri"] == f"sqlite:///{tmp_path}/runs/language_modeling/mlflow.db"
-    assert res["metrics"]["val_perplexity"] < 1024 and "->" in res["samples"]
-    assert "results:" in r.stdout and str(tmp_path) in r.stdout
-
-
 def test_train_rejects_fp16_on_cpu_before_starting():
     r = run(str(BIN / "heygen-ray"), "train", "--config", "configs/train/video_classification.yaml", "precision=fp16")
     assert r.returncode == 2 and "scaling.use_gpu" in r.stderr

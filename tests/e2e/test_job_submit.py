@@ -1,6 +1,8 @@
 """A real submission: `cluster/local/start.sh` (a `ray start --head` node with 0 CPUs plus a worker node,
-token auth on, its own directory and free ports), the training job sent with the real `ray job submit`
-CLI, the MLflow run it produced read back, and `cluster/local/stop.sh` ending exactly that cluster."""
+token auth on, its own directory and free ports), the training job (`jobs/train.py --smoke-test`, the
+text decoder: data -> tokenizer -> DDP loop -> eval -> checkpoint -> MLflow) sent with the real
+`ray job submit` CLI, its printed results and MLflow run read back, and `cluster/local/stop.sh` ending
+exactly that cluster. This is the test of the train job as a user submits it."""
 
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ sys.path.insert(0, str(REPO / "cluster" / "local"))
 
 import local_cluster  # noqa: E402  (cluster/local/local_cluster.py: to find the cluster's processes)
 
-# Small enough for 2 CPUs: 6 steps, one Train worker, one decoder; still data -> DDP loop -> eval ->
-# checkpoint -> MLflow run + registered model, exactly as the job runs on a real cluster.
+# Small enough for 2 CPUs: 6 steps, one Train worker; still data -> DDP loop -> eval -> checkpoint ->
+# MLflow run + registered model, exactly as the job runs on a real cluster.
 FAST = ["steps=6", "checkpoint_every_n_steps=6", "eval_every_n_steps=6", "log_every_n_steps=2",
-        "scaling.num_workers=1", "data.video.num_decoders=1"]
+        "scaling.num_workers=1"]
 
 
 def _http_status(url: str, token: str | None) -> int:
@@ -75,7 +77,7 @@ def test_train_job_through_ray_job_submit_on_a_token_auth_cluster(local_cluster_
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "auth_token"))
     cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", "e2e-train",
            "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster/runtime_env.yaml"), "--",
-           "python", "jobs/train.py", "--config", "configs/train/video_classification.yaml", "--smoke-test",
+           "python", "jobs/train.py", "--config", "configs/train/language_modeling.yaml", "--smoke-test",
            *FAST, f"run_dir={work}/runs", f"data.synth.output_dir={work}/data", f"tracking.tracking_uri=sqlite:///{db}"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     out = r.stdout + r.stderr
@@ -83,9 +85,11 @@ def test_train_job_through_ray_job_submit_on_a_token_auth_cluster(local_cluster_
     assert "Job 'e2e-train' succeeded" in out
 
     # the job ran on the cluster (the CLI only streamed its logs) and wrote its results on the shared path
-    res = json.loads((work / "runs" / "video_classification" / "results.json").read_text())
+    res = json.loads((work / "runs" / "language_modeling" / "results.json").read_text())
     assert res["step"] == 6 and res["tracking_uri"] == f"sqlite:///{db}"
-    assert res["registered_model_name"] == "video_classifier" and res["model_version"] == "1"
+    assert res["registered_model_name"] == "text_decoder" and res["model_version"] == "1"
+    assert res["metrics"]["val_perplexity"] < 1024 and "->" in res["samples"]  # a prompt and its continuation
+    assert "results:" in out and str(work) in out  # the job prints where its results are
 
     # the MLflow run it produced: finished, with training and validation metrics, and the model registered
     from mlflow.tracking import MlflowClient
@@ -93,8 +97,8 @@ def test_train_job_through_ray_job_submit_on_a_token_auth_cluster(local_cluster_
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(res["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert {"train_loss", "lr", "val_accuracy", "val_ema_accuracy"} <= set(run.data.metrics)
+    assert {"train_loss", "lr", "val_perplexity", "val_ema_perplexity"} <= set(run.data.metrics)
     assert run.data.params  # the flattened spec
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2  # logged every 2 of 6 steps
-    version = client.get_model_version("video_classifier", "1")
+    version = client.get_model_version("text_decoder", "1")
     assert version.run_id == run.info.run_id

@@ -73,7 +73,8 @@ def train_and_register(tracking_uri: str, dataset, out_dir: str) -> Dict[str, An
         "generate": ("text_to_video", "text_to_video_micro", {"vocab_size": tok.vocab_size, "max_sequence_length": CAPTION_TOKENS}, batch),
         "complete": ("language_modeling", "text_decoder_micro", {"vocab_size": tok.vocab_size, "max_sequence_length": SEQ_LEN},
                      _lm_batch(tok, dataset.corpus)),
-        "match": ("video_text_matching", "video_text_matching_micro", {"vocab_size": tok.vocab_size, "max_sequence_length": CAPTION_TOKENS}, batch),
+        "match": ("video_text_matching", "video_text_matching_micro",
+                  {"vocab_size": tok.vocab_size, "max_sequence_length": CAPTION_TOKENS}, batch),
     }
     track = {"tracking_uri": tracking_uri, "experiment": "serve-tests"}
     models, uris = {}, {}

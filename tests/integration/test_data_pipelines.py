@@ -101,7 +101,8 @@ def test_csv_and_jsonl_manifests_with_custom_columns(ray_session, tmp_path, tiny
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in own))
     pacsv.write_csv(pa.Table.from_pylist(own), tmp_path / "m.csv")
     for name in ("m.jsonl", "m.csv"):
-        spec = VideoDataSpec.from_dict({"manifest": str(tmp_path / name), "columns": {"path": "file", "label": "cls", "caption": "text", "split": None}})
+        spec = VideoDataSpec.from_dict({"manifest": str(tmp_path / name),
+                                        "columns": {"path": "file", "label": "cls", "caption": "text", "split": None}})
         batches = consume(VideoPipeline.from_spec(spec).dataset())
         assert sorted(c for b in batches for c in b["caption"]) == sorted(r["caption"] for r in rows)
     with pytest.raises(ConfigError, match="no column 'path'"):
@@ -119,7 +120,7 @@ def test_text_pipeline_packs_and_tokenizes_captions(ray_session, tiny_dataset, t
     ids = np.concatenate([b["input_ids"] for b in rows])
     labels = np.concatenate([b["labels"] for b in rows])
     assert ids.shape[1] == 16 and (ids[:, 1:] == labels[:, :-1]).all()
-    n_tokens = sum(len(text.tokenizer.encode(json.loads(l)["text"])) + 1 for l in open(res.corpus))
+    n_tokens = sum(len(text.tokenizer.encode(json.loads(line)["text"])) + 1 for line in open(res.corpus))
     assert n_tokens - 17 < ids.size + len(ids) <= n_tokens  # every row is seq_len+1 stream tokens
     video = VideoPipeline.from_spec(VideoDataSpec(manifest=res.manifest, clip_frames=2, height=16, width=16))
     out = consume(text.add_caption_tokens(video.dataset("val")))

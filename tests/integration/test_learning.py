@@ -41,17 +41,17 @@ def chain(ray_session, tmp_path_factory):
 
     out = {"tmp": tmp, "uri": uri}
     out["classifier"] = run_training(_spec(tmp, "video_classification.yaml", "cls", "steps=240", "eval_every_n_steps=80",
-                                           "checkpoint_every_n_steps=240", "tracking.registered_model_name=t_classifier"))
+                                           "checkpoint_every_n_steps=240", "tracking.registered_model_name=t_classifier")).to_dict()
     set_alias("t_classifier", "champion", out["classifier"]["model_version"], tracking_uri=uri)
     out["matcher"] = run_training(_spec(
         tmp, "video_text_matching.yaml", "match", "steps=120", "batch_size=16", "eval_every_n_steps=60",
         "checkpoint_every_n_steps=120", "tracking.registered_model_name=t_matcher",
-        "model.init_from={uri: 'models:/t_classifier@champion', target_prefix: video.}"))
+        "model.init_from={uri: 'models:/t_classifier@champion', target_prefix: video.}")).to_dict()
     set_alias("t_matcher", "champion", out["matcher"]["model_version"], tracking_uri=uri)
     out["t2v"] = run_training(_spec(
         tmp, "text_to_video.yaml", "t2v", "steps=240", "batch_size=8", "eval_every_n_steps=80",
         "checkpoint_every_n_steps=240", "model.init_from={uri: 'models:/t_matcher@champion', freeze: true}",
-        "judge={model: 'models:/t_classifier@champion'}"))
+        "judge={model: 'models:/t_classifier@champion'}")).to_dict()
     return out
 
 

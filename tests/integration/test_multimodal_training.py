@@ -35,7 +35,7 @@ def test_text_to_video_gan_recovers_a_killed_worker_with_both_optimizers(ray_ses
         "eval_every_n_steps=6", "checkpoint_every_n_steps=5", "schedule.warmup_steps=2", "fault.rank=1", "fault.step=8",
         f"run_dir={tmp_path}/runs", "tracking.registered_model_name=null",
     ])
-    out = run_training(spec)
+    out = run_training(spec).to_dict()
     assert out["step"] == 12 and out["resumed_from"] == 5  # rank 1 died at step 8; restarted from step 5
     ckpt = out["checkpoint_uri"]
     assert read_meta(ckpt).step == 12 and os.path.isfile(os.path.join(ckpt, "extra", "discriminator.safetensors"))

@@ -13,18 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-import torch
-
-from mlflow_server import free_port, mlflow_server  # noqa: F401  (fixture)
-
 import serve_models
+import torch
+from mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
 APP = "serve-test"
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, mlflow_server, tiny_dataset, tmp_path_factory):  # noqa: F811
+def served(ray_session, mlflow_server, tiny_dataset, tmp_path_factory):
     from heygen_ray.config import ServeSpec
     from heygen_ray.serve import deploy, shutdown
 
@@ -191,7 +189,8 @@ def test_bad_input_gets_4xx_naming_the_field(served, tmp_path):
     url = served["url"]
     post = lambda path, **kw: requests.post(url + path, timeout=60, **kw)  # noqa: E731
     cases = [
-        (post("/v1/text/complete", data=b'{"prompt": "a", "max_tokens": ', headers={"Content-Type": "application/json"}), 400, "malformed JSON"),
+        (post("/v1/text/complete", data=b'{"prompt": "a", "max_tokens": ', headers={"Content-Type": "application/json"}),
+         400, "malformed JSON"),
         (post("/v1/text/complete", json={"prompt": "a", "max_tokens": "ten"}), 422, "max_tokens"),
         (post("/v1/text/complete", json={"prompt": "a", "max_tokens": 4, "top_k": 3}), 422, "top_k"),
         (post("/v1/text/complete", json={"prompt": "a"}), 422, "max_tokens"),

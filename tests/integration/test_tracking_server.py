@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_server import mlflow_server  # noqa: F401  (fixture)
-
 from heygen_ray.models import create_model
 from heygen_ray.tracking import load_model, load_pyfunc, log_model, make_tracker, resolve_model_uri, set_alias
 
 
 @pytest.mark.slow
-def test_run_and_model_round_trip_through_server(mlflow_server, tmp_path, monkeypatch):  # noqa: F811
+def test_run_and_model_round_trip_through_server(mlflow_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # anything written relative to the CWD would show up here
@@ -36,7 +34,7 @@ def test_run_and_model_round_trip_through_server(mlflow_server, tmp_path, monkey
                           registered_model_name="server-video", extra={"variant": f"v{i}"})
                 for i, m in enumerate(models)
             ]
-    assert [l.version for l in logged] == ["1", "2"]
+    assert [model.version for model in logged] == ["1", "2"]
     assert not run_dir.exists() and os.listdir(tmp_path) == []  # server decides where artifacts go
 
     set_alias("server-video", "champion", logged[0].version, tracking_uri=mlflow_server)

@@ -50,5 +50,6 @@ def test_two_worker_train_run_consumes_the_shards(ray_session, tiny_dataset, tmp
         per_rank = [open(f"{d}/rank{r}.txt").read().split(",") for r in (0, 1)]
     # equal split across the two workers, every clip seen exactly once
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
-    assert sorted(map(int, per_rank[0] + per_rank[1])) == sorted(pipe.rows("train").column("label").to_pylist())[: len(per_rank[0]) + len(per_rank[1])]
+    seen = len(per_rank[0]) + len(per_rank[1])
+    assert sorted(map(int, per_rank[0] + per_rank[1])) == sorted(pipe.rows("train").column("label").to_pylist())[:seen]
     assert len(per_rank[0]) + len(per_rank[1]) >= n_train - 1

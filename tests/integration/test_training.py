@@ -30,7 +30,7 @@ def lm_spec(tmp_path, tiny_dataset, **over):
 
 def test_worker_killed_mid_run_recovers_then_same_name_resumes(ray_session, tmp_path, tiny_dataset):
     spec = lm_spec(tmp_path, tiny_dataset, name="lm", **{"fault.rank": 1, "fault.step": 14})
-    res = run_training(spec)
+    res = run_training(spec).to_dict()
     # rank 1 died at step 14; the group restarted from the step-10 checkpoint and finished the plan
     assert res["step"] == 30 and res["resumed_from"] == 10
     assert open(os.path.join(res["run_dir"], ".fault-lm")).read().startswith("killed rank 1 at step 14")
@@ -41,7 +41,7 @@ def test_worker_killed_mid_run_recovers_then_same_name_resumes(ray_session, tmp_
     assert json.load(open(res["results_path"]))["step"] == 30
 
     # re-running the same name with a longer plan resumes from the final checkpoint of the first run
-    again = run_training(lm_spec(tmp_path, tiny_dataset, name="lm", steps=36))
+    again = run_training(lm_spec(tmp_path, tiny_dataset, name="lm", steps=36)).to_dict()
     assert again["resumed_from"] == 30 and again["step"] == 36
 
 
@@ -51,19 +51,41 @@ def test_bad_model_overrides_fail_before_workers_start(ray_session, tmp_path, ti
         run_training(spec)
 
 
-def test_classification_run_is_tracked_and_registered(ray_session, tmp_path, tiny_dataset):
+@pytest.fixture(scope="module")
+def tracked_run(ray_session, tmp_path_factory, tiny_dataset):
+    """A short classification run, tracked and registered, with bf16 forced (asserted by two tests)."""
+    _, res = tiny_dataset
+    tmp = tmp_path_factory.mktemp("tracked")
+    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
+        "name=vc", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
+        "steps=6", "batch_size=4", "log_every_n_steps=2", "checkpoint_every_n_steps=3", "eval_every_n_steps=3",
+        "schedule.warmup_steps=1", f"run_dir={tmp}/runs", "tracking.registered_model_name=vc_test", "precision=bf16",
+    ])
+    return run_training(spec).to_dict()
+
+
+@pytest.fixture(scope="module")
+def direction_run(ray_session, tmp_path_factory):
+    """The motion-direction classifier (one shape, 4 directions), fp32 forced, untracked."""
+    tmp = tmp_path_factory.mktemp("direction")
+    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
+        "name=direction", f"data.synth.output_dir={tmp}/data", "data.synth.num_clips=200", "data.synth.seed=5",
+        "data.synth.frames=8", "data.synth.height=32", "data.synth.width=32", "data.synth.shapes=[square]",
+        "data.synth.max_distractors=0", "data.synth.noise_std=0.02", "data.video.cache=true",
+        "steps=240", "batch_size=8", "log_every_n_steps=20", "checkpoint_every_n_steps=240", "eval_every_n_steps=240",
+        "schedule.warmup_steps=10", "optim.lr=0.003", "ema.decay=0.95", f"run_dir={tmp}/runs", "tracking.enabled=false",
+        "precision=fp32",
+    ])
+    return run_training(spec).to_dict()
+
+
+def test_classification_run_is_tracked_and_registered(tracked_run):
     import torch
     from mlflow.tracking import MlflowClient
 
     from heygen_ray.tracking import load_model
 
-    _, res = tiny_dataset
-    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
-        "name=vc", f"data.synth.output_dir={res.output_dir}", "data.synth.num_clips=48", "data.synth.seed=3",
-        "steps=6", "batch_size=4", "log_every_n_steps=2", "checkpoint_every_n_steps=3", "eval_every_n_steps=3",
-        "schedule.warmup_steps=1", f"run_dir={tmp_path}/runs", "tracking.registered_model_name=vc_test",
-    ])
-    out = run_training(spec)
+    out = tracked_run
     assert out["model_version"] == "1" and out["registered_model_name"] == "vc_test"
     client = MlflowClient(out["tracking_uri"], registry_uri=out["tracking_uri"])
     run = client.get_run(out["mlflow_run_id"])
@@ -79,31 +101,22 @@ def test_classification_run_is_tracked_and_registered(ray_session, tmp_path, tin
     assert logits.shape == (2, 16) and torch.isfinite(logits).all()
 
 
-def test_video_classifier_learns_motion_direction(ray_session, tmp_path):
+def test_video_classifier_learns_motion_direction(direction_run):
     """Threshold: the task isolates motion direction (one shape, 4 directions, so chance is 25%); a
     centroid tracker on the decoded frames gets 100%, and so does the frame-difference CNN of the
     shipped config (measured: 20/20 validation clips after 240 steps of 2 x 8, 3 runs). 90% leaves one
     clip of margin for seeds and DDP."""
-    spec = load_spec(TrainSpec, os.path.join(REPO, "configs/train/video_classification.yaml"), [
-        "name=direction", f"data.synth.output_dir={tmp_path}/data", "data.synth.num_clips=200", "data.synth.seed=5",
-        "data.synth.frames=8", "data.synth.height=32", "data.synth.width=32", "data.synth.shapes=[square]",
-        "data.synth.max_distractors=0", "data.synth.noise_std=0.02", "data.video.cache=true",
-        "steps=240", "batch_size=8", "log_every_n_steps=20", "checkpoint_every_n_steps=240", "eval_every_n_steps=240",
-        "schedule.warmup_steps=10", "optim.lr=0.003", "ema.decay=0.95", f"run_dir={tmp_path}/runs", "tracking.enabled=false",
-    ])
-    out = run_training(spec)
-    m = out["metrics"]
+    m = direction_run["metrics"]
     assert m["val_samples"] == 20
     assert m["val_accuracy"] >= 0.6, m
     assert m["train_loss"] < 0.8 * math.log(4)  # the loss fell well below chance level
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_forced_precision_is_kept_and_trains(ray_session, tmp_path, tiny_dataset, precision):
+@pytest.mark.parametrize("precision, run", [("fp32", "direction_run"), ("bf16", "tracked_run")])
+def test_a_forced_precision_is_kept_and_trains(precision, run, request):
     """`precision: auto` is the default; a config that names fp32 or bf16 gets exactly that (bf16 runs
     under autocast even where it is emulated and slow), with the reason logged."""
-    out = run_training(lm_spec(tmp_path, tiny_dataset, name=f"p-{precision}", precision=precision, steps=6,
-                               checkpoint_every_n_steps=6, eval_every_n_steps=6))
+    out = request.getfixturevalue(run)
     assert out["precision"] == precision and out["precision_reason"] == "set in the config"
-    assert out["step"] == 6 and read_meta(out["checkpoint_uri"]).step == 6
+    assert read_meta(out["checkpoint_uri"]).step == out["step"]
     assert math.isfinite(out["metrics"]["train_loss"]) and math.isfinite(out["metrics"]["val_loss"])

@@ -8,8 +8,6 @@ import os
 import pytest
 import yaml
 
-from mlflow_server import mlflow_server  # noqa: F401  (fixture)
-
 from heygen_ray.config import ConfigError, SweepSpec, TrainSpec, load_spec
 from heygen_ray.train.driver import run_training
 from heygen_ray.tune.sweep import TRIAL_TAG, run_sweep
@@ -47,12 +45,12 @@ def sweep_spec(tmp_path, tiny_dataset, **over) -> SweepSpec:
 
 
 def test_asha_sweep_stops_trials_early_tracks_a_run_tree_and_writes_a_best_config_that_trains(
-        ray_session, tmp_path, tiny_dataset, mlflow_server, monkeypatch):  # noqa: F811
+        ray_session, tmp_path, tiny_dataset, mlflow_server, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     spec = sweep_spec(tmp_path, tiny_dataset, tracking={"tracking_uri": mlflow_server})
-    out = run_sweep(spec)
+    out = run_sweep(spec).to_dict()  # the JSON-able summary (SweepResult)
 
     # 4 trials (the lr grid), 2 at a time; the 1e-5 learners are far behind at the step-5 rung
     rows = {r["trial_id"]: r for r in out["rows"]}
@@ -105,7 +103,7 @@ def test_asha_sweep_stops_trials_early_tracks_a_run_tree_and_writes_a_best_confi
         "steps=4", "eval_every_n_steps=2", "checkpoint_every_n_steps=2", "log_every_n_steps=2", "schedule.warmup_steps=1",
         f"run_dir={tmp_path}/best_runs", "tracking.enabled=false"])
     assert spec.schedule.kind == best["params"]["schedule.kind"]
-    trained = run_training(spec)
+    trained = run_training(spec).to_dict()
     assert trained["step"] == 4 and trained["metrics"]["val_ema_perplexity"] > 0
 
 
@@ -121,7 +119,8 @@ def test_an_invalid_search_space_is_rejected_before_any_trial_starts(ray_session
         run_sweep(spec)
     # a model size that does not fit (3 heads do not divide width 64): found against the data, still before trials
     spec = sweep_spec(tmp_path, tiny_dataset, space={"model.overrides.num_attention_heads": {"choice": [2, 3]}})
-    with pytest.raises(ConfigError, match=r"(?s)space.model.overrides.num_attention_heads: the choice value 3: model .* not divisible by 3 heads"):
+    with pytest.raises(ConfigError,
+                       match=r"(?s)space.model.overrides.num_attention_heads: the choice value 3: model .* not divisible by 3 heads"):
         run_sweep(spec)
     assert not os.path.exists(os.path.join(tmp_path, "sweeps", "lm", "trials"))
     assert not os.path.exists(os.path.join(tmp_path, "sweeps", "lm", "tune"))
@@ -138,7 +137,7 @@ def test_a_failing_trial_leaves_the_sweep_finished_and_a_retry_resumes_from_its_
     spec = sweep_spec(tmp_path, tiny_dataset, name="faulty", max_failures=1,
                       space={"batch_size": {"grid": [8, 4096]}}, scheduler={"kind": "none"},
                       train={**sweep_spec(tmp_path, tiny_dataset).train, "steps": 10, "fault": {"rank": 0, "step": 7}})
-    out = run_sweep(spec)
+    out = run_sweep(spec).to_dict()  # the JSON-able summary (SweepResult)
     rows = {r["param:batch_size"]: r for r in out["rows"]}
     ok, bad = rows[8], rows[4096]
     assert ok["status"] == "completed" and ok["retries"] == 1 and ok["step"] == 10
@@ -181,7 +180,7 @@ def test_a_compress_sweep_trains_one_teacher_and_reports_quality_and_latency_per
         "max_concurrent_trials": 2, "max_failures": 0,
         "run_dir": f"{tmp_path}/sweeps", "tracking": {"experiment": "csweep-test"},
     })
-    out = run_sweep(spec)
+    out = run_sweep(spec).to_dict()  # the JSON-able summary (SweepResult)
 
     assert out["trials"] == 2 and out["trials_completed"] == 2 and out["trials_error"] == 0 and out["concurrency"] == 2
     teacher = out["teacher_uri"]

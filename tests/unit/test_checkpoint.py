@@ -1,5 +1,6 @@
 """The checkpoint format: a full round trip continues training bit-for-bit; loading refuses pickles."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -81,3 +82,81 @@ def test_mismatched_model_and_schema_errors(tmp_path):
         read_meta(d)
     with pytest.raises(CheckpointError, match="not a heygen_ray checkpoint"):
         read_meta(str(tmp_path))
+
+
+def test_load_final_weights_takes_the_ema_when_there_is_one_else_the_raw_model(tmp_path):
+    """A checkpoint directory, the run's checkpoints folder or the run directory: the newest complete
+    checkpoint's EMA weights (AveragedModel prefix and counter stripped) or, without EMA, the raw ones;
+    the result loads strictly into the bare model."""
+    from heygen_ray.train.checkpoint import checkpoints_root, commit_checkpoint, load_final_weights
+
+    model, opt, sched, ema, scaler = parts()
+    for _ in range(3):
+        step(model, opt, sched, ema)
+    run = str(tmp_path / "run")
+    commit_checkpoint(checkpoints_root(run), 3, model=model, step=1)  # older, without EMA
+    newest = commit_checkpoint(checkpoints_root(run), 3, model=model, ema=ema, step=2)
+    os.makedirs(os.path.join(checkpoints_root(run), "step_00000009.tmp"))  # a crashed write is never read
+    for path in (newest, checkpoints_root(run), run):
+        state = load_final_weights(path)
+        assert set(state) == set(model.state_dict())
+        for k, v in ema.module.state_dict().items():
+            assert torch.equal(state[k], v)
+    assert not torch.equal(load_final_weights(newest)["0.weight"], model.state_dict()["0.weight"])
+    raw = load_final_weights(os.path.join(checkpoints_root(run), "step_00000001"))
+    assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    fresh.load_state_dict(load_final_weights(run), strict=True)
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
+        load_final_weights(str(tmp_path / "nothing"))
+
+
+def test_checkpoint_parts_save_everything_and_restore_all_but_the_schedule(tmp_path):
+    """The scheduler is saved for inspection; a resume rebuilds the schedule from the step instead."""
+    from heygen_ray.train.checkpoint import CheckpointParts
+
+    model, opt, sched, ema, scaler = parts()
+    p = CheckpointParts(model=model, ema=ema, optimizer=opt, scheduler=sched, scaler=scaler)
+    d = save_checkpoint(str(tmp_path / "ck"), step=3, **p.to_save())
+    assert "scheduler" in torch.load(f"{d}/state.pt", weights_only=True)
+    assert "scheduler" not in p.to_restore() and p.to_restore()["optimizer"] is opt
+    assert load_checkpoint(d, **p.to_restore()).step == 3
+
+
+def test_the_gan_discriminator_travels_in_the_checkpoint_with_its_optimizer_and_scaler(tmp_path):
+    from heygen_ray.config import TrainSpec
+    from heygen_ray.train.checkpoint import DISCRIMINATOR_OPTIMIZER, DISCRIMINATOR_SCALER, CheckpointParts
+    from heygen_ray.train.gan import Adversary
+    from heygen_ray.train.prepare import task_for
+
+    spec = TrainSpec.from_dict({"name": "g", "task": "text_to_video", "steps": 10, "loss": {"adversarial_loss_weight": 0.1},
+                                "discriminator": {"base_channels": 4, "num_layers": 2, "schedule": {"kind": "linear"}}})
+
+    def adversary(seed):
+        torch.manual_seed(seed)
+        return Adversary.build(task_for(spec), spec, torch.device("cpu"), fp16=False)
+
+    assert Adversary.build(task_for(TrainSpec.from_dict({"name": "n", "task": "text_to_video"})), spec,
+                           torch.device("cpu"), fp16=False) is None  # no adversarial weight: no GAN
+    adv = adversary(0)
+    task = task_for(spec)
+    real, fake = torch.rand(2, 3, 4, 16, 16) * 2 - 1, torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    stats = adv.step(task, [(fake, real)], contextlib.nullcontext)
+    assert set(stats) == {"d_loss", "d_real", "d_fake", "d_grad_norm", "d_lr"}
+    assert adv.optimizer.param_groups[0]["lr"] < stats["d_lr"]  # its own linear schedule stepped
+    p = CheckpointParts(model=torch.nn.Linear(2, 2))
+    adv.add_checkpoint_parts(p)
+    d = save_checkpoint(str(tmp_path / "ck"), step=1, **p.to_save())
+    assert os.listdir(f"{d}/extra") == ["discriminator.safetensors"]
+    state = torch.load(f"{d}/state.pt", weights_only=True)
+    assert {f"extra_{DISCRIMINATOR_OPTIMIZER}", f"extra_{DISCRIMINATOR_SCALER}"} <= set(state)
+
+    again = adversary(1)  # other weights, an empty optimizer: everything must come from disk
+    q = CheckpointParts(model=torch.nn.Linear(2, 2))
+    again.add_checkpoint_parts(q)
+    load_checkpoint(d, **q.to_restore())
+    for a, b in zip(adv.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert again.optimizer.state_dict()["state"][0]["step"] == 1
+    again.schedule_at(1)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(adv.optimizer.param_groups[0]["lr"])

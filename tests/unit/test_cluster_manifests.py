@@ -1,7 +1,8 @@
-"""cluster/: every manifest parses; the KubeRay ones validate against the KubeRay v1.7.0 CRD schemas
-(types, required fields, and no key the schema lacks, as `kubectl --validate=strict`); the `ray up` YAML
-validates with Ray's own schema; every path a manifest names exists; image, Ray and Python versions agree
-with pyproject.toml and requirements/."""
+"""cluster/: every manifest parses; the ones in cluster/kuberay/ validate against the project's schema
+cluster/kuberay/schema/kuberay.schema.yaml, derived from the KubeRay v1.7.0 CRDs (types, required fields,
+enums, and no key the schema lacks, as `kubectl --validate=strict`); the `ray up` YAML validates with Ray's
+own schema; every path a manifest names exists; image, Ray and Python versions agree with pyproject.toml
+and requirements/."""
 
 from __future__ import annotations
 
@@ -13,30 +14,30 @@ import json
 import os
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-CRD_DIR = Path(os.environ.get("KUBERAY_CRD_DIR", "/work/shared/kuberay-crds"))
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
-
+KUBERAY = CLUSTER / "kuberay"
+SCHEMA = KUBERAY / "schema/kuberay.schema.yaml"
 
 
 # ---------------------------------------------------------------------------------------------- loading
 def manifest_files() -> List[Path]:
     # launcher/: ray up (checked against Ray's schema below); serve/: a Serve deploy config (checked
-    # against ServeDeploySchema in tests/unit/test_serve_units.py); runtime_env.yaml: not a manifest
+    # against ServeDeploySchema in tests/unit/test_serve_units.py); kuberay/schema/: the schema the
+    # kuberay/ manifests are checked with; runtime_env.yaml: not a manifest
     return sorted(p for p in CLUSTER.rglob("*.yaml")
-                  if p.parent.name not in ("launcher", "serve") and p.name != "runtime_env.yaml")
+                  if p.parent.name not in ("launcher", "serve") and p.parent != SCHEMA.parent
+                  and p.name != "runtime_env.yaml")
 
 
 def documents() -> List[Tuple[Path, Dict[str, Any]]]:
@@ -50,15 +51,8 @@ def ray_documents() -> List[Tuple[Path, Dict[str, Any]]]:
     return [(p, d) for p, d in documents() if d["apiVersion"] == "ray.io/v1"]
 
 
-@functools.lru_cache(maxsize=None)
-def crd_schema(kind: str) -> Dict[str, Any]:
-    path = CRD_DIR / CRD_FILES[kind]
-    if not path.exists():
-        # the manifests are only worth shipping validated: a missing schema is an error, not a pass
-        pytest.fail(f"KubeRay CRD schema {path} not found (set KUBERAY_CRD_DIR to the kuberay-crds folder)")
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1 MB each
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return version["schema"]["openAPIV3Schema"]
+def kuberay_documents() -> List[Tuple[Path, Dict[str, Any]]]:
+    return [(p, d) for p, d in documents() if p.parent == KUBERAY]
 
 
 def cluster_specs(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -77,32 +71,64 @@ def ray_containers(cspec: Dict[str, Any]) -> Iterator[Tuple[Dict[str, Any], Dict
 
 
 # ---------------------------------------------------------------------------------------------- strict
-def unknown_keys(instance: Any, schema: Dict[str, Any], path: str = "") -> List[str]:
-    """Keys the schema does not define (the API server drops them silently: a typo simply vanishes)."""
-    if schema.get("x-kubernetes-preserve-unknown-fields"):
-        return []
+@functools.lru_cache(maxsize=None)
+def manifest_schema() -> Dict[str, Any]:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def _list_map_keys(validator, keys, instance, schema):
+    """x-kubernetes-list-map-keys: the API server rejects two entries of a map-type list with the same key."""
+    if not validator.is_type(instance, "array"):
+        return
+    first: Dict[Tuple[Any, ...], int] = {}
+    for i, item in enumerate(instance):
+        if not isinstance(item, dict):
+            continue
+        key = tuple(item.get(k) for k in keys)
+        if key in first:
+            named = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key))
+            yield jsonschema.ValidationError(f"duplicate entry ({named}), already at [{first[key]}]",
+                                             path=[i], instance=item)
+        first.setdefault(key, i)
+
+
+ManifestValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"x-kubernetes-list-map-keys": _list_map_keys})
+
+
+def field_path(parts: Any) -> str:
+    """The field path of an error: spec.workerGroupSpecs[0].template, metadata.labels["ray.io/cluster"]."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "." in part or "/" in part:
+            out += f'["{part}"]'
+        else:
+            out += f".{part}" if out else part
+    return out or "(document)"
+
+
+def validate_manifest(doc: Dict[str, Any]) -> List[str]:
+    """One 'field.path: problem' line per error, [] when the manifest is valid."""
     errors = []
-    if isinstance(instance, dict):
-        props = schema.get("properties")
-        extra = schema.get("additionalProperties")
-        for key, value in instance.items():
-            if props is not None and key in props:
-                errors += unknown_keys(value, props[key], f"{path}.{key}")
-            elif isinstance(extra, dict):
-                errors += unknown_keys(value, extra, f"{path}.{key}")
-            elif props is not None and extra is not True:
-                errors.append(f"{path}.{key}".lstrip("."))
-    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(instance):
-            errors += unknown_keys(item, schema["items"], f"{path}[{i}]")
-    return errors
-
-
-def validate_ray_manifest(doc: Dict[str, Any]) -> List[str]:
-    schema = crd_schema(doc["kind"])
-    validator = jsonschema.Draft7Validator(schema)
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-    return errors + [f"{k}: not in the {doc['kind']} schema" for k in unknown_keys(doc, schema)]
+    found = ManifestValidator(manifest_schema()).iter_errors(doc)
+    for e in sorted(found, key=lambda e: list(map(str, e.absolute_path))):
+        parent = list(e.absolute_path)
+        if e.validator == "additionalProperties":  # name each unknown key, not just its parent
+            known = e.schema.get("properties", {})
+            errors += [f"{field_path(parent + [k])}: unknown field, not in the {doc.get('kind')} schema"
+                       for k in e.instance if k not in known]
+        elif e.validator == "required":
+            errors += [f"{field_path(parent + [k])}: required field missing"
+                       for k in e.validator_value if k not in e.instance]
+        elif e.validator == "const":
+            errors.append(f"{field_path(parent)}: {e.instance!r}, expected {e.validator_value!r}")
+        elif e.validator == "pattern" and e.schema.get("x-kubernetes-int-or-string"):
+            errors.append(f"{field_path(parent)}: {e.instance!r} is not a quantity (such as 2, 500m, 8Gi)")
+        else:
+            errors.append(f"{field_path(parent)}: {e.message}")
+    return list(dict.fromkeys(errors))
 
 
 # ---------------------------------------------------------------------------------------------- versions
@@ -142,11 +168,25 @@ def test_every_manifest_parses_and_names_its_kind():
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
 
 
-@pytest.mark.parametrize("path_doc", ray_documents(), ids=lambda pd: f"{pd[0].name}:{pd[1]['kind']}")
-def test_kuberay_manifest_validates_strictly_against_the_crd(path_doc):
+def test_the_schema_is_valid_and_covers_every_kuberay_manifest():
+    schema = manifest_schema()
+    ManifestValidator.check_schema(schema)
+    kinds = schema["properties"]["kind"]["enum"]
+    docs = kuberay_documents()
+    assert {d["kind"] for _, d in docs} == set(kinds)  # no kind left unchecked, no definition left unused
+    assert {d["kind"] for _, d in docs if d["apiVersion"] == "ray.io/v1"} == {"RayCluster", "RayJob", "RayService"}
+    for kind in kinds:
+        assert schema["$defs"][kind]["additionalProperties"] is False, kind
+    header = SCHEMA.read_text().split("\n$schema:", 1)[0]  # what it derives from, and how to extend it
+    assert "Derived from the KubeRay v1.7.0 CRDs" in header and "check_against_crds.py" in header
+    assert (SCHEMA.parent / "check_against_crds.py").is_file()
+
+
+@pytest.mark.parametrize("path_doc", kuberay_documents(), ids=lambda pd: f"{pd[0].name}:{pd[1]['kind']}")
+def test_kuberay_manifest_validates_strictly_against_the_schema(path_doc):
     path, doc = path_doc
-    assert doc["apiVersion"] == "ray.io/v1"
-    assert validate_ray_manifest(doc) == [], path
+    assert doc["apiVersion"] == ("v1" if doc["kind"] == "PersistentVolumeClaim" else "ray.io/v1")
+    assert validate_manifest(doc) == [], path
 
 
 def test_the_strict_crd_check_catches_typos_and_wrong_types():
@@ -154,15 +194,97 @@ def test_the_strict_crd_check_catches_typos_and_wrong_types():
     typo = copy.deepcopy(doc)
     typo["spec"]["headGroupSpec"]["rayStartParam"] = typo["spec"]["headGroupSpec"].pop("rayStartParams")
     typo["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMount"] = []
-    errors = validate_ray_manifest(typo)
+    errors = validate_manifest(typo)
     assert any("headGroupSpec.rayStartParam:" in e for e in errors)
     assert any("containers[0].volumeMount:" in e for e in errors)
     wrong = copy.deepcopy(doc)
     wrong["spec"]["workerGroupSpecs"][0]["replicas"] = "2"
     wrong["spec"]["authOptions"]["mode"] = "tokens"
-    errors = validate_ray_manifest(wrong)
+    errors = validate_manifest(wrong)
     assert any("replicas" in e and "integer" in e for e in errors)
     assert any("authOptions.mode" in e for e in errors)
+
+
+_DELETE = object()
+
+
+def _set(doc: Dict[str, Any], path: str, value: Any) -> None:
+    """Set (or delete) doc at a '/'-separated path; '~' stands for a '/' inside a key."""
+    *parents, last = [int(p) if p.isdigit() else p.replace("~", "/") for p in path.split("/")]
+    target = functools.reduce(lambda node, key: node[key], parents, doc)
+    if value is _DELETE:
+        del target[last]
+    else:
+        target[last] = value
+
+
+WORKER = "spec/workerGroupSpecs/0"
+HEAD_CONTAINER = "spec/headGroupSpec/template/spec/containers/0"
+# (manifest, path to change, new value or _DELETE, the one error expected: field path, then the problem)
+MUTATIONS = [
+    # misspelled fields
+    ("raycluster.yaml", f"{WORKER}/minReplica", 1, "spec.workerGroupSpecs[0].minReplica: unknown field"),
+    ("raycluster.yaml", "spec/enableInTreeAutoscale", True, "spec.enableInTreeAutoscale: unknown field"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/resources/request", {},
+     "spec.headGroupSpec.template.spec.containers[0].resources.request: unknown field"),
+    ("raycluster.yaml", "metadata/lables", {}, "metadata.lables: unknown field"),
+    ("rayjob-pipeline.yaml", "spec/shutdownAfterJobFinish", True, "spec.shutdownAfterJobFinish: unknown field"),
+    ("rayjob-train.yaml", "spec/entryPoint", "python x.py", "spec.entryPoint: unknown field"),
+    ("rayservice.yaml", "spec/upgradeStrategy/Type", "NewCluster", "spec.upgradeStrategy.Type: unknown field"),
+    ("storage.yaml", "spec/accessMode", ["ReadWriteMany"], "spec.accessMode: unknown field"),
+    # wrong types and values
+    ("raycluster.yaml", f"{WORKER}/maxReplicas", "8",
+     "spec.workerGroupSpecs[0].maxReplicas: '8' is not of type 'integer'"),
+    ("raycluster.yaml", f"{WORKER}/maxReplicas", 2**31, "spec.workerGroupSpecs[0].maxReplicas: 2147483648 is greater"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/ports/0/containerPort", "6379",
+     "spec.headGroupSpec.template.spec.containers[0].ports[0].containerPort: '6379' is not of type 'integer'"),
+    ("raycluster.yaml", "spec/headGroupSpec/rayStartParams/num-cpus", 0,
+     "spec.headGroupSpec.rayStartParams.num-cpus: 0 is not of type 'string'"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/resources/limits/memory", "8 GiB",
+     "spec.headGroupSpec.template.spec.containers[0].resources.limits.memory: '8 GiB' is not a quantity"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/env/1/value", 0,
+     "spec.headGroupSpec.template.spec.containers[0].env[1].value: 0 is not of type 'string'"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/env/1/name", "MLFLOW_TRACKING_URI",
+     "spec.headGroupSpec.template.spec.containers[0].env[1]: duplicate entry (name='MLFLOW_TRACKING_URI')"),
+    ("raycluster.yaml", "spec/authOptions/mode", "Token", "spec.authOptions.mode: 'Token' is not one of"),
+    ("raycluster.yaml", "metadata/labels/ray.io~cluster", 1, 'metadata.labels["ray.io/cluster"]: 1 is not of type'),
+    ("raycluster.yaml", "apiVersion", "ray.io/v1alpha1", "apiVersion: 'ray.io/v1alpha1', expected 'ray.io/v1'"),
+    ("rayjob-data.yaml", "spec/entrypointNumCpus", "1", "spec.entrypointNumCpus: '1' is not of type 'number'"),
+    ("rayjob-data.yaml", "spec/clusterSelector", "heygen-ray",
+     "spec.clusterSelector: 'heygen-ray' is not of type 'object'"),
+    ("rayservice.yaml", "spec/excludeHeadPodFromServeSvc", "true",
+     "spec.excludeHeadPodFromServeSvc: 'true' is not of type 'boolean'"),
+    ("storage.yaml", "spec/resources/requests/storage", "100 Gi",
+     "spec.resources.requests.storage: '100 Gi' is not a quantity"),
+    # missing required fields
+    ("raycluster.yaml", f"{WORKER}/maxReplicas", _DELETE,
+     "spec.workerGroupSpecs[0].maxReplicas: required field missing"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/name", _DELETE,
+     "spec.headGroupSpec.template.spec.containers[0].name: required field missing"),
+    ("raycluster.yaml", f"{HEAD_CONTAINER}/volumeMounts/0/mountPath", _DELETE,
+     "spec.headGroupSpec.template.spec.containers[0].volumeMounts[0].mountPath: required field missing"),
+    ("rayjob-pipeline.yaml", "spec/rayClusterSpec/headGroupSpec", _DELETE,
+     "spec.rayClusterSpec.headGroupSpec: required field missing"),
+    ("rayservice.yaml", "spec/rayClusterConfig", _DELETE, "spec.rayClusterConfig: required field missing"),
+    ("storage.yaml", "metadata/name", _DELETE, "metadata.name: required field missing"),
+]
+
+
+def _mutation_id(m: Tuple[str, str, Any, str]) -> str:
+    problem = m[3].split(": ", 1)[1]
+    kind = next((k for k in ("unknown", "duplicate") if problem.startswith(k)),
+                "missing" if problem.startswith("required") else "invalid")
+    return f"{m[0]}:{m[1].rsplit('/', 1)[-1].replace('~', '/')}:{kind}"
+
+
+@pytest.mark.parametrize("name, path, value, expected", MUTATIONS, ids=[_mutation_id(m) for m in MUTATIONS])
+def test_a_mutated_manifest_is_rejected_naming_the_field_path(name, path, value, expected):
+    (doc,) = [d for p, d in kuberay_documents() if p.name == name]
+    assert validate_manifest(doc) == []
+    bad = copy.deepcopy(doc)
+    _set(bad, path, value)
+    errors = validate_manifest(bad)
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
 
 
 def test_token_auth_on_and_head_free_of_training_work_in_every_ray_cluster():

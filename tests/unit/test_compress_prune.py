@@ -4,10 +4,12 @@ trains, its architecture round-trips through model.json; unstructured pruning on
 import pytest
 import torch
 
-from heygen_ray.compress.prune import apply_architecture, architecture, structured_prune, unstructured_prune
+from heygen_ray.compress.prune import structured_prune, unstructured_prune
 from heygen_ray.models import create_model
+from heygen_ray.models.architecture import apply_architecture, architecture
 
-torch.set_num_threads(1)
+# one intra-op thread, as a 1-CPU Ray worker has: restored after the module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train_steps(model, inputs, steps=5):

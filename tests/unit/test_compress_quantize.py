@@ -9,7 +9,8 @@ import torch
 from heygen_ray.compress import measure, quantize
 from heygen_ray.models import create_model
 
-torch.set_num_threads(1)
+# one intra-op thread, as a 1-CPU Ray worker has: restored after the module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vt():
@@ -86,7 +87,8 @@ def test_measure_reports_every_figure(tmp_path):
     metrics = measure.evaluate(m, batches, task, info, batch_size=8)  # padded 5 -> 8, scored on 5
     assert metrics["samples"] == 5 and 0.0 <= metrics["accuracy"] <= 1.0
     x = {k: v for k, v in task.inputs(batches[0])[0].items()}
-    lat = measure.latencies({"a": m, "b": quantize.to_bf16(m)}, {1: {"video": x["video"][:1]}, 8: {"video": x["video"][:1].repeat(8, 1, 1, 1, 1)}},
+    lat = measure.latencies({"a": m, "b": quantize.to_bf16(m)},
+                            {1: {"video": x["video"][:1]}, 8: {"video": x["video"][:1].repeat(8, 1, 1, 1, 1)}},
                             rounds=1, iters=2, warmup=1)
     for row in lat.values():
         for key in ("p50_ms_bs1", "p95_ms_bs1", "p50_ms_bs8", "p95_ms_bs8", "throughput_bs8"):

@@ -7,7 +7,15 @@ import pytest
 import yaml
 
 from heygen_ray.config import (
-    ConfigError, DataSpec, PipelineSpec, SynthSpec, VideoDataSpec, apply_overrides, load_spec, parse_override, spec_kind_for,
+    ConfigError,
+    DataSpec,
+    PipelineSpec,
+    SynthSpec,
+    VideoDataSpec,
+    apply_overrides,
+    load_spec,
+    parse_override,
+    spec_kind_for,
 )
 
 REPO = Path(__file__).resolve().parents[2]

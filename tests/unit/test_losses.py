@@ -10,10 +10,29 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from heygen_ray.losses import (
-    DistillationLoss, PatchDiscriminator3D, VideoGenerationLoss, aligned_target, clip_background,
-    discriminator_hinge_loss, foreground_mask, frequency_loss, generator_hinge_loss, image_gradient_loss, kd_loss,
-    best_shift, dominant_colour, object_centroid, object_centroids, psnr, shift_clips, shift_frames, ssim,
-    temporal_consistency_loss, trajectory_loss, trajectory_pixels, weighted_pixel_loss,
+    DistillationLoss,
+    PatchDiscriminator3D,
+    VideoGenerationLoss,
+    aligned_target,
+    best_shift,
+    clip_background,
+    discriminator_hinge_loss,
+    dominant_colour,
+    foreground_mask,
+    frequency_loss,
+    generator_hinge_loss,
+    image_gradient_loss,
+    kd_loss,
+    object_centroid,
+    object_centroids,
+    psnr,
+    shift_clips,
+    shift_frames,
+    ssim,
+    temporal_consistency_loss,
+    trajectory_loss,
+    trajectory_pixels,
+    weighted_pixel_loss,
 )
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from heygen_ray.losses import contrastive_loss, match_loss
 from heygen_ray.models import create_model
 from heygen_ray.models.composite import hardest_negatives, same_caption
-from heygen_ray.train.loop import discriminator_step, frozen, optimizer_step
+from heygen_ray.train.gan import discriminator_step, frozen
+from heygen_ray.train.step import optimizer_step
 from heygen_ray.train.tasks import DataInfo, chance_recall, get_task, retrieval_recall
 
 NOAMP = __import__("contextlib").nullcontext
@@ -221,7 +222,8 @@ def test_judge_of_a_generator_that_returns_the_real_clips_equals_the_classifiers
     judge_labels = list(reversed(spec.label_names))
     classifier.head.weight.data = classifier.head.weight.data.flip(0)
     classifier.head.bias.data = torch.linspace(-1, 1, 16)
-    task = get_task("text_to_video", loss_weights={"perceptual_loss_weight": 0.0}, judge=Judge(classifier, judge_labels, COLORS, info.tokenizer_dir))
+    task = get_task("text_to_video", loss_weights={"perceptual_loss_weight": 0.0},
+                    judge=Judge(classifier, judge_labels, COLORS, info.tokenizer_dir))
     assert "label" in task.columns
     state = task.new_metrics(info)
     batch = {"video": video, "label": labels, "caption_ids": ids, "caption_mask": mask}

@@ -5,8 +5,15 @@ import torch
 
 from heygen_ray.models import create_model
 from heygen_ray.train.precision import (
-    PrecisionChoice, read_choice, write_choice,
-    MIN_SPEEDUP, amp_dtype, bf16_cpu_support, cpu_flags, probe_bf16_speedup, resolve_precision,
+    MIN_SPEEDUP,
+    PrecisionChoice,
+    amp_dtype,
+    bf16_cpu_support,
+    cpu_flags,
+    probe_bf16_speedup,
+    read_choice,
+    resolve_precision,
+    write_choice,
 )
 
 CPU = torch.device("cpu")
@@ -63,18 +70,18 @@ def test_a_recorded_choice_is_kept_by_later_attempts_of_the_run(tmp_path, monkey
     can measure differently the second time (MLflow then refuses the changed run param, and the
     checkpoints were made in the first precision)."""
     from heygen_ray.config import TrainSpec
+    from heygen_ray.train import precision
     from heygen_ray.train.tasks import DataInfo
-    from heygen_ray.train import loop
 
     record = str(tmp_path / "run" / "precision.json")
     assert read_choice(record, "auto") is None  # nothing recorded yet
     calls = []
     answers = iter([PrecisionChoice("bf16", "auto", "probe said 1.4x", 1.4), PrecisionChoice("fp32", "auto", "0.9x", 0.9)])
-    monkeypatch.setattr(loop, "_resolve", lambda *a: calls.append(1) or next(answers))
+    monkeypatch.setattr(precision, "_resolve", lambda *a: calls.append(1) or next(answers))
     spec = TrainSpec.from_dict({"name": "p", "task": "video_classification", "precision": "auto"})
     info = DataInfo(clip_frames=8, height=32, width=32, num_classes=16)
-    first = loop.choose_precision(spec, None, None, info, torch.device("cpu"), 1, record)
-    again = loop.choose_precision(spec, None, None, info, torch.device("cpu"), 1, record)
+    first = precision.choose_precision(spec, None, None, info, torch.device("cpu"), 1, record)
+    again = precision.choose_precision(spec, None, None, info, torch.device("cpu"), 1, record)
     assert first == again == PrecisionChoice("bf16", "auto", "probe said 1.4x", 1.4) and len(calls) == 1
     assert read_choice(record, "auto") == first
     assert read_choice(record, "fp32") is None  # recorded for another request: decided afresh

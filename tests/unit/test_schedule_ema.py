@@ -63,7 +63,10 @@ def test_scheduler_state_round_trips():
     opt2.load_state_dict(opt.state_dict())
     b.load_state_dict(a.state_dict())
     for _ in range(3):
-        opt.step(); a.step(); opt2.step(); b.step()
+        opt.step()
+        a.step()
+        opt2.step()
+        b.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(opt2.param_groups[0]["lr"])
 
 

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -19,9 +18,22 @@ import torch
 from heygen_ray.config import TrackingSpec
 from heygen_ray.models import create_model
 from heygen_ray.tracking import (
-    MAX_PARAM_VALUE, TRUNCATION_MARKER, LoggedModel, NullTracker, Tracker, default_artifact_root, flatten,
-    load_model, load_model_and_config, load_pyfunc, log_model, make_tracker, resolve_model_uri, resolve_spec,
-    resolve_tracking_uri, set_alias,
+    MAX_PARAM_VALUE,
+    TRUNCATION_MARKER,
+    LoggedModel,
+    NullTracker,
+    Tracker,
+    default_artifact_root,
+    flatten,
+    load_model,
+    load_model_and_config,
+    load_pyfunc,
+    log_model,
+    make_tracker,
+    resolve_model_uri,
+    resolve_spec,
+    resolve_tracking_uri,
+    set_alias,
 )
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -39,20 +51,11 @@ def no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    """An initialised, empty MLflow sqlite database (creating one runs ~1-2 s of migrations)."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    client_for(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def run_dir(tmp_path, empty_db, no_env_uri):
-    """A run directory whose default store (`<run_dir>/mlflow.db`) already exists (a copy of empty_db)."""
+def run_dir(tmp_path, no_env_uri):
+    """A run directory; its default store (`<run_dir>/mlflow.db`) is seeded on first use."""
     d = tmp_path / "run"
     d.mkdir()
-    shutil.copy(empty_db, d / "mlflow.db")
     return d
 
 
@@ -276,10 +279,9 @@ NAME = "conv_video_encoder_micro"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, empty_db):
+def registry(tmp_path_factory):
     """Two versions of one registered model (different weights), logged from one run."""
     run_dir = tmp_path_factory.mktemp("registry")
-    shutil.copy(empty_db, run_dir / "mlflow.db")
     spec = {"experiment": "models", "tracking_uri": f"sqlite:///{run_dir}/mlflow.db"}  # explicit: ignore the env
     t = make_tracker(spec, str(run_dir), rank=0, run_name="train")
     models, logged = [], []
@@ -454,3 +456,34 @@ def test_recorded_values_follow_a_variant_to_its_parent(registry, tmp_path):
     assert recorded_data_info(child, tracking_uri=uri) == {}  # the parent records none
     gone = {"extra": {"lineage": {"parent_uri": "models:/video-cls/99"}}}
     assert recorded(gone, "label_names", tracking_uri=uri) is None
+
+
+def test_a_new_sqlite_store_is_seeded_from_the_cached_empty_one(tmp_path, monkeypatch):
+    """A new store is a copy of the migrated empty store of this MLflow version: the same schema
+    revision as a store MLflow creates itself, its Default experiment beside the database, and a
+    second creator of the same file finds it made."""
+    import sqlite3
+
+    from heygen_ray.tracking.runs import _template_path, ensure_experiment, seed_sqlite_store
+
+    monkeypatch.setenv("HEYGEN_RAY_CACHE", str(tmp_path / "cache"))
+    db = tmp_path / "a" / "mlflow.db"
+    exp = ensure_experiment(f"sqlite:///{db}", "seeded", str(tmp_path / "a" / "mlartifacts"))
+    assert os.path.isfile(_template_path()) and db.is_file()
+    assert not seed_sqlite_store(str(db))  # exists: left alone
+    native = tmp_path / "native.db"
+    client_for(f"sqlite:///{native}").search_experiments()  # MLflow's own creation, for comparison
+
+    def revision(path):
+        with sqlite3.connect(path) as con:
+            return con.execute("SELECT version_num FROM alembic_version").fetchall()
+
+    assert revision(db) == revision(native)
+    client = client_for(f"sqlite:///{db}")
+    default = client.get_experiment("0")
+    assert default.name == "Default" and default.artifact_location == str(tmp_path / "a" / "mlartifacts" / "0")
+    assert client.get_experiment(exp).name == "seeded"
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+    assert client.get_metric_history(run.info.run_id, "loss")[0].value == 0.5
+    assert [p.name for p in db.parent.iterdir() if p.name.endswith(".tmp")] == []  # no leftovers

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from heygen_ray.models import create_model
-from heygen_ray.train.loop import optimizer_step, param_groups
+from heygen_ray.train.optim import param_groups
+from heygen_ray.train.step import optimizer_step
 from heygen_ray.train.tasks import DataInfo, get_task
 
 NOAMP = contextlib.nullcontext
@@ -131,7 +132,7 @@ def test_greedy_generate_follows_the_argmax():
 
 def test_resumed_schedule_matches_the_uninterrupted_one():
     from heygen_ray.config import TrainSpec
-    from heygen_ray.train.loop import schedule_at
+    from heygen_ray.train.optim import schedule_at
 
     spec = TrainSpec.from_dict({"steps": 20, "optim": {"lr": 2.0}, "schedule": {"kind": "cosine", "warmup_steps": 5}})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -213,7 +214,7 @@ def test_evaluate_scores_every_model_in_one_pass_over_the_batches():
     """The raw and the EMA model are scored in one read of the validation set (a streamed set is
     decoded once per evaluation, not once per model): a one-shot generator gives both the figures
     that scoring each alone over a fresh copy of the batches gives."""
-    from heygen_ray.train.loop import evaluate
+    from heygen_ray.train.step import evaluate
 
     task = get_task("video_classification")
     info = DataInfo(num_classes=16)
@@ -234,7 +235,7 @@ def test_warm_started_parameters_get_their_own_learning_rate_through_the_schedul
     """model.init_from.lr_scale: the copied parameters form groups whose learning rate is the
     schedule's times the scale, at every step (schedule_at rebuilds the schedule on resume)."""
     from heygen_ray.config import TrainSpec
-    from heygen_ray.train.loop import schedule_at
+    from heygen_ray.train.optim import schedule_at
 
     model = create_model("text_to_video_sprite_micro")
     copied = {n for n, _ in model.named_parameters() if n.startswith("text.")}
@@ -254,3 +255,140 @@ def test_warm_started_parameters_get_their_own_learning_rate_through_the_schedul
         lrs = {g["lr_scale"]: g["lr"] for g in opt.param_groups}
         assert lrs[0.1] == pytest.approx(0.1 * lrs[1.0]) and lrs[1.0] > 0
     assert sched.get_last_lr()[0] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+# --- the worker's TrainState, its WorkerConfig and the hooks applied before the loop ---------------
+
+def lm_worker_config(tmp_path, name="rt", **over):
+    from heygen_ray.config import TrainSpec
+    from heygen_ray.train.worker_config import WorkerConfig
+
+    spec = TrainSpec.from_dict({
+        "name": name, "task": "language_modeling", "run_dir": str(tmp_path), "tracking": {"enabled": False},
+        "model": {"name": "text_decoder_micro", "overrides": {"hidden_dimensions": 32, "num_layers": 1, "num_attention_heads": 2}},
+        "steps": 4, "batch_size": 4, "precision": "fp32", "optim": {"lr": 0.01}, "schedule": {"warmup_steps": 1},
+        "ema": {"enabled": True, "decay": 0.9}, "log_every_n_steps": 1, "eval_every_n_steps": 100,
+        "checkpoint_every_n_steps": 2, **over})
+    info = DataInfo(vocab_size=40, pad_id=0, seq_len=8)
+    return WorkerConfig.build(spec=spec, data_info=info, run_dir=str(tmp_path / name), peak_flops={"fp32": 1e9})
+
+
+class FakeShard:
+    """The same batches every epoch (so a resume that restarts its epoch sees what the first run saw)."""
+
+    def __init__(self, n=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, 40, (n, 8), generator=g)
+        self.rows = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+
+    def iter_torch_batches(self, batch_size, dtypes=None, drop_last=False, **_):
+        n = len(self.rows["input_ids"])
+        for i in range(0, n - batch_size + 1 if drop_last else n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.rows.items()}
+
+
+@pytest.fixture
+def fake_ray_train(monkeypatch):
+    """One CPU worker of world size 1, in this process: what the loop reports is kept."""
+    import types
+
+    import ray.train
+    import ray.train.torch
+
+    reports = []
+    monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: FakeShard())
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
+    return reports
+
+
+def test_a_resumed_train_state_continues_like_an_uninterrupted_one(tmp_path, fake_ray_train):
+    """Two steps, a checkpoint, a new worker: setup + resume restore the model, EMA, optimizer, RNG and
+    step from the run's own folder, and the last two steps end where an uninterrupted run ends."""
+    from heygen_ray.train import loop
+    from heygen_ray.train.checkpoint import latest_checkpoint, read_meta
+    from heygen_ray.train.worker_config import WorkerConfig
+
+    whole = loop.train_loop_per_worker(lm_worker_config(tmp_path, "whole").to_dict())
+    assert whole["step"] == 4 and whole["resumed_from"] is None and whole["precision"] == "fp32"
+    assert [r["step"] for r in fake_ray_train] == [2, 4] and "train_loss" in fake_ray_train[-1]
+
+    cfg = lm_worker_config(tmp_path, "parts")
+    state = loop.setup(cfg)
+    loop.resume(state)
+    loop.start(state)
+    assert state.resumed_from is None
+    for _ in range(2):
+        loop.train_step(state)
+    loop.report(state)
+    torch.manual_seed(123)  # a new worker: nothing but the checkpoint carries over
+    again = loop.setup(WorkerConfig.coerce(cfg.to_dict()))
+    loop.resume(again)
+    assert (again.step, again.resumed_from, again.epoch) == (2, 2, 0)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(state.optimizer.param_groups[0]["lr"])
+    loop.start(again)
+    for _ in range(2):
+        loop.train_step(again)
+    whole_ckpt = latest_checkpoint(lm_worker_config(tmp_path, "whole").checkpoints_root)
+    assert read_meta(whole_ckpt).step == 4
+    from heygen_ray.train.checkpoint import load_final_weights
+
+    final = load_final_weights(whole_ckpt)
+    for k, v in again.final_model.state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=0, atol=0)
+    assert again.optimizer.state_dict()["state"][0]["step"] == 4
+
+
+def test_worker_config_is_validated_on_the_driver_and_survives_the_trip_to_a_worker(tmp_path):
+    import pickle
+
+    from heygen_ray.config import ConfigError
+    from heygen_ray.train.worker_config import DistillConfig, WorkerConfig
+
+    cfg = lm_worker_config(tmp_path)
+    plain = cfg.to_dict()
+    assert set(plain) == {"spec", "data_info", "run_dir", "tracking_uri", "has_val", "peak_flops", "mlflow_run_id",
+                          "init_model", "distill"}
+    assert WorkerConfig.coerce(plain) == cfg == pickle.loads(pickle.dumps(cfg)) and WorkerConfig.coerce(cfg) is cfg
+    assert cfg.peak_for("fp32") == 1e9 and cfg.peak_for("bf16") == 0.0
+    assert cfg.checkpoints_root == str(tmp_path / "rt" / "checkpoints")
+    extra = {"init_model": "/m/pruned", "distill": {"teacher": "/m/teacher", "temperature": 2.0, "alpha": 0}}
+    d = WorkerConfig.build(spec=cfg.spec, data_info=cfg.data_info, run_dir=cfg.run_dir, extra=extra)
+    assert d.distill == DistillConfig(teacher="/m/teacher", temperature=2.0, alpha=0.0) and d.init_model == "/m/pruned"
+    assert WorkerConfig.build(spec=cfg.spec, data_info=cfg.data_info, run_dir="r", peak_flops=5.0).peak_for("bf16") == 5.0
+    with pytest.raises(ConfigError, match="distil.*did you mean 'distill'"):
+        WorkerConfig.build(spec=cfg.spec, data_info=cfg.data_info, run_dir="r", extra={"distil": {}})
+    with pytest.raises(ConfigError, match="distill.alpha"):
+        WorkerConfig.build(spec=cfg.spec, data_info=cfg.data_info, run_dir="r",
+                           extra={"distill": {"teacher": "t", "temperature": 1.0, "alpha": 2.0}})
+    with pytest.raises(ConfigError, match="unknown DataInfo fields"):
+        WorkerConfig.coerce(dict(plain, data_info={"vocab": 3}))
+
+
+def test_distillation_and_a_given_start_model_are_applied_before_the_loop(tmp_path):
+    """WorkerConfig.init_model replaces the built model; WorkerConfig.distill wraps the task around
+    the frozen teacher; without them the spec's model and the plain task."""
+    from heygen_ray.config import TrainSpec
+    from heygen_ray.tracking.models import save_model_dir
+    from heygen_ray.train.prepare import prepare
+    from heygen_ray.train.tasks import DistillationTask
+    from heygen_ray.train.worker_config import WorkerConfig
+
+    student = create_model("conv_video_encoder_micro", num_classes=4, stage_channels=(8, 16, 24))
+    save_model_dir(str(tmp_path / "student"), student, model_name="conv_video_encoder_micro",
+                   model_overrides={"num_classes": 4, "stage_channels": [8, 16, 24]})
+    teacher = create_model("conv_video_encoder_micro", num_classes=4)
+    save_model_dir(str(tmp_path / "teacher"), teacher, model_name="conv_video_encoder_micro", model_overrides={"num_classes": 4})
+    spec = TrainSpec.from_dict({"name": "d", "task": "video_classification", "model": {"name": "conv_video_encoder_micro"}})
+    info = DataInfo(num_classes=4, clip_frames=8, height=32, width=32)
+    plain = prepare(WorkerConfig.build(spec=spec, data_info=info, run_dir=str(tmp_path)), 0, torch.device("cpu"))
+    assert type(plain.task).__name__ == "VideoClassification" and plain.lr_scales is None and plain.run_params == {}
+    cfg = WorkerConfig.build(spec=spec, data_info=info, run_dir=str(tmp_path), extra={
+        "init_model": str(tmp_path / "student"), "distill": {"teacher": str(tmp_path / "teacher"), "temperature": 2.0, "alpha": 0.3}})
+    start = prepare(cfg, 0, torch.device("cpu"))
+    assert isinstance(start.task, DistillationTask) and start.task.criterion.alpha == 0.3
+    assert start.model.training and all(torch.equal(a, b) for a, b in zip(start.model.parameters(), student.parameters()))
+    assert not any(p.requires_grad for p in start.task.teacher.parameters())

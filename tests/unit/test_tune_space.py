@@ -1,5 +1,6 @@
 """Search spaces: paths checked against the spec's fields, samples checked by building the spec,
-conversion to Ray Tune domains, and the sweep spec's own rules (no Ray cluster needed)."""
+conversion to Ray Tune domains, and the sweep spec's own rules; the tune package's layering, the train
+trial's spec, stop requests and the sweep's result (no Ray cluster needed)."""
 
 import os
 
@@ -92,7 +93,8 @@ def test_conversion_to_tune_domains():
     assert isinstance(t["optim.lr"], Float) and isinstance(t["optim.lr"].get_sampler(), Float._LogUniform)
     assert (t["optim.lr"].lower, t["optim.lr"].upper) == (1e-4, 1e-2)
     assert isinstance(t["ema.decay"].get_sampler(), Float._Uniform)
-    assert isinstance(t["schedule.warmup_steps"], Integer) and (t["schedule.warmup_steps"].lower, t["schedule.warmup_steps"].upper) == (0, 5)
+    assert isinstance(t["schedule.warmup_steps"], Integer)
+    assert (t["schedule.warmup_steps"].lower, t["schedule.warmup_steps"].upper) == (0, 5)
     assert isinstance(t["schedule.kind"], Categorical) and t["schedule.kind"].categories == ["cosine", "linear"]
     assert t["grad_accum_steps"] == tune.grid_search([1, 2])
     assert s.grid_size() == 2
@@ -212,3 +214,149 @@ def test_optuna_proposes_values_that_build_valid_specs(monkeypatch, objectives):
         built = plan.space.build(values)
         assert 3e-4 <= built.optim.lr <= 1e-2 and built.schedule.kind in ("cosine", "linear", "constant")
         searcher.on_trial_complete(f"t{i}", {"val_ema_perplexity": 10.0 + i, "model_gflops": 0.02, "config": config})
+
+
+# --------------------------------------------------------------------------------------------------
+# The tune package's layering, the train trial's spec, stop requests and the sweep's result
+# --------------------------------------------------------------------------------------------------
+
+
+def _tune_imports():
+    """{tune module: the tune modules it imports, at module level or inside functions}, and the
+    private Ray names each one mentions."""
+    import ast
+
+    folder = os.path.join(REPO, "heygen_ray", "tune")
+    graph, private = {}, {}
+    for fname in sorted(os.listdir(folder)):
+        if not fname.endswith(".py") or fname == "__init__.py":
+            continue
+        src = open(os.path.join(folder, fname)).read()
+        deps = set()
+        for node in ast.walk(ast.parse(src)):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                if n.startswith("heygen_ray.tune."):
+                    deps.add(n.split(".")[2])
+        graph[fname[:-3]] = deps - {fname[:-3]}
+        private[fname[:-3]] = [s for s in ("internal_kv", "ray._private", "ray.experimental") if s in src]
+    return graph, private
+
+
+def test_tune_modules_import_one_way_and_touch_no_private_ray_api():
+    graph, private = _tune_imports()
+    assert graph["space"] == set() and graph["result"] == set()
+    assert graph["stage"] == {"space"}  # the leaf: no adapter, no launcher
+    assert graph["train"] <= {"space", "stage"} and graph["compress"] <= {"space", "stage"}
+    assert {"train", "compress", "stage"} <= graph["sweep"]
+    # no cycle, function-local imports included
+    seen, done = set(), set()
+
+    def visit(m, path):
+        assert m not in seen or m in done, f"import cycle: {' -> '.join(path + [m])}"
+        if m in done:
+            return
+        seen.add(m)
+        for d in graph.get(m, ()):
+            visit(d, path + [m])
+        done.add(m)
+
+    for m in graph:
+        visit(m, [])
+    assert all(not names for names in private.values()), private
+
+
+def _lm_plan(*overrides):
+    from heygen_ray.tune.sweep import plan_sweep
+
+    return plan_sweep(load_spec(SweepSpec, "configs/sweep/lr_schedule.yaml", list(overrides)))
+
+
+def test_the_train_trial_spec_reports_at_every_evaluation_nested_under_the_sweep_and_registers_nothing(monkeypatch):
+    from heygen_ray.tune.stage import TRIAL_TAG
+    from heygen_ray.tune.train import TRAIN_STAGE, trial_spec
+
+    monkeypatch.chdir(REPO)
+    p = _lm_plan("space.steps={choice: [20, 40]}")
+    assert p.stage is TRAIN_STAGE and TRAIN_STAGE.planned_steps(p, {"optim.lr": 1e-3, "steps": 40}) == 40
+    ctx = {"base": p.base, "name": p.spec.name, "trials_dir": p.trials_dir, "cwd": REPO,
+           "tracking": {"enabled": True, "tracking_uri": "sqlite:////tmp/x.db", "experiment": "sweeps",
+                        "parent_run_id": "parent123", "tags": {"heygen_ray.sweep": p.spec.name}}}
+    values = {path: p.space.dimension(path).candidates()[-1] for path in p.space.paths}
+    values["optim.lr"] = np.float64(values["optim.lr"])
+    spec = trial_spec(ctx, values, "t0003")
+    assert spec.name == f"{p.spec.name}_t0003" and spec.run_dir == p.trials_dir and spec.steps == 40
+    assert spec.checkpoint_every_n_steps == spec.eval_every_n_steps and spec.optim.lr == float(values["optim.lr"])
+    assert spec.tracking.parent_run_id == "parent123" and spec.tracking.tags[TRIAL_TAG] == "t0003"
+    assert spec.tracking.registered_model_name is None
+    cfg = TRAIN_STAGE.best_config(p, {"optim.lr": 2e-3, "steps": 20})
+    assert cfg["name"] == f"{p.spec.name}_best" and cfg["optim"]["lr"] == 2e-3 and cfg["steps"] == 20
+    assert "parent_run_id" not in (cfg.get("tracking") or {}) and TRAIN_STAGE.run_command == "heygen-ray train"
+
+
+def test_stop_requests_live_in_the_clusters_key_value_store(monkeypatch):
+    from heygen_ray import ray_private
+    from heygen_ray.tune import stage
+
+    store = {}
+    monkeypatch.setattr(ray_private, "kv_put", lambda key, value: store.__setitem__(key, value))
+    monkeypatch.setattr(ray_private, "kv_exists", lambda key: key in store)
+    monkeypatch.setattr(ray_private, "kv_delete", lambda key: store.pop(key, None))
+    assert not stage.stop_requested("t1")
+    stage.request_stop("t1")
+    assert store == {"sweep_stop:t1": b"1"} and stage.stop_requested("t1") and not stage.stop_requested("t2")
+    stage.clear_stop("t1")
+    assert store == {} and not stage.stop_requested("t1")
+
+
+def _legacy_results(best=True):
+    """A results dict laid out as run_sweep wrote results.json before it returned a SweepResult."""
+    rows = [{"trial_id": "a", "status": "completed", "param:optim.lr": 0.01, "param:schedule.kind": "cosine", "step": 20,
+             "planned_steps": 20, "reports": 4, "retries": 0, "mlflow_run_id": "r1", "error": None,
+             "val_ema_perplexity": 12.5, "model_gflops": 0.02},
+            {"trial_id": "b", "status": "error", "param:optim.lr": 1e-5, "param:schedule.kind": "linear", "step": 0,
+             "planned_steps": 20, "reports": 0, "retries": 1, "mlflow_run_id": None, "error": "boom",
+             "val_ema_perplexity": None, "model_gflops": None}]
+    return {
+        "name": "lm", "task": "language_modeling", "metric": "val_ema_perplexity", "mode": "min",
+        "objectives": [{"metric": "val_ema_perplexity", "mode": "min"}, {"metric": "model_gflops", "mode": "min"}],
+        "trials": 2, "trials_completed": 1, "trials_stopped_early": 0, "trials_error": 1, "concurrency": 2, "seconds": 31.4,
+        "sweep_dir": "/s/lm", "trials_csv": "/s/lm/trials.csv", "mlflow_parent_run_id": "p1", "tracking_uri": "sqlite:///x.db",
+        "summary_plot": "summary/metric_vs_params.png",
+        "best": {"trial_id": "a", "mlflow_run_id": "r1", "metric": 12.5, "params": {"optim.lr": 0.01, "schedule.kind": "cosine"},
+                 "step": 20, "model_gflops": 0.02} if best else None,
+        "best_config_path": "/s/lm/best_config.yaml" if best else None, "model_version": "3" if best else None,
+        "registered_model_name": "swept_lm" if best else None, "model_uri": "models:/swept_lm/3" if best else None,
+        "pareto_front": ["a"], "teacher_uri": "/s/lm/teacher", "teacher_metrics": {"val_top1": 0.5},
+        "data_info": {"vocab_size": 400}, "results_path": "/s/lm/results.json", "rows": rows,
+    }
+
+
+def test_the_sweep_result_round_trips_and_writes_results_json_as_before():
+    import json
+
+    from heygen_ray.tune.result import SweepResult
+
+    legacy = _legacy_results()
+    res = SweepResult.from_dict(legacy)
+    assert res.best.trial_id == "a" and res.best.objectives == {"model_gflops": 0.02} and res.model_version == "3"
+    assert res.objectives == [("val_ema_perplexity", "min"), ("model_gflops", "min")]
+    assert res.extra == {"teacher_uri": "/s/lm/teacher", "teacher_metrics": {"val_top1": 0.5}}
+    assert res.rows[0].params == {"optim.lr": 0.01, "schedule.kind": "cosine"}
+    assert res.rows[1].metrics == {"val_ema_perplexity": None, "model_gflops": None} and res.rows[1].error == "boom"
+    assert res.best_trial_dir == "/s/lm/trials/lm_a"
+    # the same dict, key order included; results.json is it without the two in-memory keys
+    assert list(res.to_dict().items()) == list(legacy.items())
+    on_disk = {k: v for k, v in legacy.items() if k not in ("results_path", "rows")}
+    assert json.dumps(res.results_json(), indent=2) == json.dumps(on_disk, indent=2)
+    assert SweepResult.from_dict(json.loads(json.dumps(res.to_dict()))) == res
+    back = SweepResult.from_dict(json.loads(json.dumps(res.results_json())))  # read back from results.json
+    assert back.rows == [] and back.results_path is None and back.results_json() == res.results_json()
+    assert res.best.params["optim.lr"] == 0.01 and res.to_dict()["rows"][0]["param:optim.lr"] == 0.01
+    assert res.extra["teacher_uri"] == "/s/lm/teacher" and "pareto_front" in res.to_dict()
+    empty = SweepResult.from_dict(_legacy_results(best=False))
+    assert empty.best is None and empty.best_trial_dir is None and empty.to_dict()["best"] is None

@@ -10,7 +10,12 @@ from torch import nn
 
 import heygen_ray.models.base as base
 from heygen_ray.models import (
-    ModelBase, UnknownArgumentError, create_model, list_models, model_inputs, unwrap_model,
+    ModelBase,
+    UnknownArgumentError,
+    create_model,
+    list_models,
+    model_inputs,
+    unwrap_model,
 )
 from heygen_ray.models.generator import SpriteLayers
 from heygen_ray.registry import UnknownNameError

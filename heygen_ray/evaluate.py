@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 from heygen_ray import fsutil
 from heygen_ray.config import ConfigError, DataSpec
 from heygen_ray.train.tasks import DataInfo
+from heygen_ray.uris import is_model_uri
 
 
 def _dataset(task_name: str, task: Any, data: DataSpec, info: DataInfo, split: Optional[str]):
@@ -73,7 +74,7 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
         cfg = load_model_config(model_uri, tracking_uri=tracking_uri)
         extra = cfg.get("extra") or {}
         served_as_is = bool(extra.get("int8_artifact")) or cfg.get("dtype") == "bfloat16"
-        if served_as_is and model_uri.startswith("models:/"):
+        if served_as_is and is_model_uri(model_uri):
             from heygen_ray.serve.loader import load_variant  # a compressed int8/bf16 variant: scored as it is served
 
             model, _ = load_variant(model_uri, tracking_uri=tracking_uri, compile_int8=False)
@@ -114,14 +115,15 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
     metrics, _ = scored["model"]
     stats = pipe.stats(split if pipe is not None and "split" in pipe.table.column_names else None) if pipe is not None else {}
     ref = None
-    if model_uri.startswith("models:/"):
+    if is_model_uri(model_uri):
         with contextlib.suppress(Exception):
             ref = resolve_model_uri(model_uri, tracking_uri=tracking_uri)
     return {
         "model": model_uri, "registered_name": getattr(ref, "name", None), "version": getattr(ref, "version", None),
         "run_id": getattr(ref, "run_id", None), "task": task_name, "split": split,
         "manifest": getattr(pipe, "manifest_uri", None), "corpus": data.text.corpus if pipe is None else None,
-        "rows": rows, "precision": "int8" if int8 else ("bf16" if served_as_is else precision), "decoded": stats.get("decoded"), "dropped": stats.get("dropped"),
+        "rows": rows, "precision": "int8" if int8 else ("bf16" if served_as_is else precision),
+        "decoded": stats.get("decoded"), "dropped": stats.get("dropped"),
         "dropped_examples": stats.get("dropped_examples"), "judge": judge_uri,
         "metrics": metrics, "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -1,6 +1,9 @@
 """A real `mlflow server` for tests: sqlite backend + proxied artifacts in a temp dir, on a free port.
 
-    from mlflow_server import mlflow_server  # noqa: F401   (the fixture; yields "http://127.0.0.1:<port>")
+    with running_mlflow_server(tmp_dir) as uri:   # "http://127.0.0.1:<port>"
+        ...
+
+The session fixture `mlflow_server` (tests/conftest.py) starts one for the whole test run.
 
 The server runs in its own process group (uvicorn spawns workers), which teardown terminates as a
 whole (SIGTERM, then SIGKILL after a grace period). Startup is bounded; on failure the error carries
@@ -20,8 +23,6 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-import pytest
 
 STARTUP_TIMEOUT_S = 180.0  # a loaded 2-core machine took over 60 s (uvicorn start after the DB migration)
 
@@ -91,10 +92,3 @@ def running_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> I
         yield uri
     finally:
         _stop(proc)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """URI of a real MLflow tracking server (one per test session), stopped at the end."""
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
-        yield uri
