@@ -144,7 +144,7 @@ def latencies(url: str, model, clips: List[bytes], n: int) -> Tuple[List[float],
     import torch
 
     from heygen_ray.data.decode import decode_clip
-    from heygen_ray.serve.app import classify_forward
+    from heygen_ray.serve.forward import classify_forward
 
     torch.set_num_threads(1)
     s = requests.Session()

@@ -45,7 +45,8 @@ def timed_steps(model, base, batches, warmup: int, amp=None) -> float:
 
     import torch
 
-    from heygen_ray.train.loop import optimizer_step, param_groups
+    from heygen_ray.train.optim import param_groups
+    from heygen_ray.train.step import optimizer_step
     from heygen_ray.train.tasks import get_task
 
     task = get_task("language_modeling")

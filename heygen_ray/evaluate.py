@@ -62,8 +62,9 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
 
     from heygen_ray.config import TrainSpec
     from heygen_ray.tracking import load_model_and_config, load_model_config, recorded, recorded_data_info, resolve_model_uri
-    from heygen_ray.train.loop import evaluate, load_judge, task_for
     from heygen_ray.train.precision import amp_dtype
+    from heygen_ray.train.prepare import load_judge, task_for
+    from heygen_ray.train.step import evaluate
 
     t0 = time.perf_counter()
     if data.synth is not None and not fsutil.exists(data.video.manifest or ""):

@@ -481,7 +481,7 @@ class PipelineRun:
 
     def _run_train(self, unit: Unit, stage_run: Any, resume: Any):
         from heygen_ray.train.driver import run_training
-        from heygen_ray.train.loop import task_for
+        from heygen_ray.train.prepare import task_for
 
         entry = unit.name.split(".", 1)[1]
         for dep in unit.deps[1:] if unit.deps[:1] == ["data"] else unit.deps:

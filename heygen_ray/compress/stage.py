@@ -267,7 +267,7 @@ def load_teacher_step(spec: CompressSpec, run: StageRun) -> Tuple[Any, Dict[str,
 def load_data(spec: CompressSpec, tspec: TrainSpec) -> HeldOutData:
     """The held-out batches (``measure.split``) and the train batches that calibrate."""
     from heygen_ray.train.driver import prepare_data
-    from heygen_ray.train.loop import task_for
+    from heygen_ray.train.prepare import task_for
 
     task = task_for(tspec)
     # generates the embedded set when configured and absent; only `info` is needed here, so the
@@ -520,7 +520,7 @@ def load_teacher(uri: str, tracking_uri: Optional[str]) -> Tuple[Any, Dict[str, 
         return model, {"parent_uri": uri, "model_name": config["registry_name"], "overrides": config.get("overrides", {})}
     from heygen_ray.models import create_model
     from heygen_ray.train.checkpoint import read_meta
-    from heygen_ray.train.loop import model_overrides, task_for
+    from heygen_ray.train.prepare import model_overrides, task_for
     from heygen_ray.train.tasks import DataInfo
 
     meta = read_meta(uri)  # a checkpoint directory of the one format

@@ -35,15 +35,12 @@ from heygen_ray.train.gan import METRICS as ADVERSARY_METRICS
 from heygen_ray.train.gan import Adversary, frozen
 from heygen_ray.train.optim import adamw, schedule_at
 from heygen_ray.train.precision import PrecisionChoice, autocast, choose_precision
-from heygen_ray.train.prepare import load_judge, model_overrides, prepare, task_for  # noqa: F401 (load_judge, task_for: see below)
+from heygen_ray.train.prepare import model_overrides, prepare
 from heygen_ray.train.step import evaluate, optimizer_step
 from heygen_ray.train.tasks import DataInfo, Task
 from heygen_ray.train.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
-
-# load_judge and task_for (heygen_ray.train.prepare) and evaluate (heygen_ray.train.step) stay importable
-# from here for the callers that import them from the loop.
 
 FAULT_ENV = "HEYGEN_FAULT"  # "rank:step": kill that rank at that optimizer step (first attempt only)
 

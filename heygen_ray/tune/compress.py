@@ -122,7 +122,7 @@ def plan_compress(spec: SweepSpec) -> SweepPlan:
 def check_compress(plan: SweepPlan) -> Tuple[Dict[str, Any], Any]:
     """On Ray, before any trial: prepare the base's data once (trials must not race to generate it)."""
     from heygen_ray.train.driver import prepare_data
-    from heygen_ray.train.loop import task_for
+    from heygen_ray.train.prepare import task_for
 
     tspec = TrainSpec.from_dict(plan.base["train"])
     _, info = prepare_data(tspec, task_for(tspec), lazy=True)

@@ -21,8 +21,8 @@ swept parameter, the best config and results.json; a train sweep registers the b
 
 Ray: :func:`run_sweep` runs on the cluster this process already joined. The entry points start or
 join it: ``heygen-ray tune`` (and ``jobs/tune.py``, which runs that command) calls
-``heygen_ray.runtime.init_ray(spec.ray)`` once the plan is valid, and ``pipeline.run`` does for all
-its stages.
+``heygen_ray.runtime.init_ray(spec.ray)`` once the plan is valid, as ``heygen-ray pipeline run``
+does before all its stages.
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> SweepResu
     Plans first (``plan`` when given, else :func:`plan_sweep`): a bad config or search space fails
     before anything touches Ray. Ray must then be initialised: this is a library function, the
     entry points own ``ray.init`` (``heygen-ray tune`` and ``jobs/tune.py`` call
-    ``heygen_ray.runtime.init_ray(spec.ray)`` after planning; ``pipeline.run`` at its start)."""
+    ``heygen_ray.runtime.init_ray(spec.ray)`` after planning, ``heygen-ray pipeline run`` before it
+    plans its stages' runs)."""
     import ray
     from ray import tune
 
@@ -197,9 +198,7 @@ def run_sweep(spec: SweepSpec, *, plan: Optional[SweepPlan] = None) -> SweepResu
 
     t0 = time.perf_counter()
     plan = plan or plan_sweep(spec)  # fails here, before Ray is used, on a bad config or search space
-    if not ray.is_initialized():
-        raise RuntimeError(f"sweep {spec.name}: Ray is not initialised; call heygen_ray.runtime.init_ray(spec.ray) "
-                           "first (as heygen-ray tune and pipeline.run do)")
+    runtime.require_ray(f"sweep {spec.name}")
     stage = plan.stage
     trial_kwargs, info = stage.check(plan)
     concurrency = concurrency_for(plan, float(ray.cluster_resources().get("CPU", 0.0)))

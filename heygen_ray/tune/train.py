@@ -96,7 +96,7 @@ def check_with_data(plan: SweepPlan):
     could race to), then check the metric names and the model at every sampled size against it.
     Returns (datasets, info) as ``prepare_data`` does: trials that do not sweep the data share them."""
     from heygen_ray.train.driver import check_model, prepare_data
-    from heygen_ray.train.loop import task_for
+    from heygen_ray.train.prepare import task_for
 
     base = TrainSpec.from_dict(plan.base)
     task = task_for(base)

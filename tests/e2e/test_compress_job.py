@@ -124,7 +124,7 @@ def test_distillation_brings_the_student_closer_to_the_teacher_than_finetuning(j
     from heygen_ray.config import CompressSpec, load_spec
     from heygen_ray.tracking import load_model
     from heygen_ray.train.driver import run_training
-    from heygen_ray.train.loop import task_for
+    from heygen_ray.train.prepare import task_for
     from heygen_ray.train.tasks import DataInfo
 
     res, tmp = job["res"], job["tmp"]

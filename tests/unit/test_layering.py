@@ -145,20 +145,24 @@ def test_no_import_cycles_between_modules():
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
-def write(root: Path, rel: str, text: str) -> None:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+def package(tmp_path: Path, files: dict) -> Path:
+    """A throwaway package named heygen_ray under tmp_path: {relative path: source}."""
+    root = tmp_path / "heygen_ray"
+    for rel, text in {"__init__.py": "", **files}.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return root
 
 
 def test_the_checker_names_a_forbidden_import_with_its_file_and_line(tmp_path):
     """A throwaway package shaped like heygen_ray: a function-local upward import is caught."""
-    root = tmp_path / "heygen_ray"
-    write(root, "__init__.py", "")
-    write(root, "models/__init__.py", "import torch\n")
-    write(root, "models/net.py", "def build():\n    from heygen_ray.train.loop import run  # upward\n    return run\n")
-    write(root, "train/__init__.py", "")
-    write(root, "train/loop.py", "from heygen_ray.models import net\nfrom ..models.net import build\n")
+    root = package(tmp_path, {
+        "models/__init__.py": "import torch\n",
+        "models/net.py": "def build():\n    from heygen_ray.train.loop import run  # upward\n    return run\n",
+        "train/__init__.py": "",
+        "train/loop.py": "from heygen_ray.models import net\nfrom ..models.net import build\n",
+    })
     layers = tmp_path / "layers.toml"
     layers.write_text('layers = [["models"], ["train"]]\n')
     found = violations(root, layers)
@@ -171,12 +175,12 @@ def test_the_checker_names_a_forbidden_import_with_its_file_and_line(tmp_path):
 
 
 def test_cycle_detection_finds_a_function_local_cycle(tmp_path):
-    root = tmp_path / "heygen_ray"
-    write(root, "__init__.py", "")
-    write(root, "tune/__init__.py", "")
-    write(root, "tune/a.py", "from heygen_ray.tune import b\n")
-    write(root, "tune/b.py", "def f():\n    from heygen_ray.tune.a import x\n")
-    write(root, "tune/c.py", "from heygen_ray.tune import a\n")
+    root = package(tmp_path, {
+        "tune/__init__.py": "",
+        "tune/a.py": "from heygen_ray.tune import b\n",
+        "tune/b.py": "def f():\n    from heygen_ray.tune.a import x\n",
+        "tune/c.py": "from heygen_ray.tune import a\n",
+    })
     assert cycles(module_graph(root)) == [["heygen_ray.tune.a", "heygen_ray.tune.b"]]
 
 

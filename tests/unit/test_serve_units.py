@@ -124,7 +124,8 @@ def test_multipart_and_uri_root(tmp_path):
 
 def test_a_bad_video_in_a_batch_fails_only_its_request():
     from heygen_ray.config import ServeEndpointSpec
-    from heygen_ray.serve.app import Prep, _decode_then, _raise_error
+    from heygen_ray.serve.deployments import _decode_then, _raise_error
+    from heygen_ray.serve.forward import Prep
     from heygen_ray.serve.runner import sample_video
 
     prep = Prep({"data_info": {"clip_frames": 4, "height": 16, "width": 16}}, ServeEndpointSpec(model="models:/m@a"), "classify")
