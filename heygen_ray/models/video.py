@@ -35,7 +35,20 @@ class TubeletEmbed(nn.Module):
         return self.proj(video)
 
 
-class VideoTransformerEncoder(ModelBase):
+class ClipModel(ModelBase):
+    """A model of one clip (``video``: (B, C, T, H, W)): logits from its pooled features."""
+
+    input_names = ("video",)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, num_classes)
+        return self.forward_head(self.forward_features(video))
+
+    def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
+        shape = (batch_size, self.in_channels, self.num_frames, self.image_size, self.image_size)
+        return {"video": random_video(shape, self._device())}
+
+
+class VideoTransformerEncoder(ClipModel):
     """Transformer over space-time tubelet tokens with factorised learned positions
     (temporal + spatial embeddings, summed), mean-pooled for classification.
 
@@ -44,7 +57,6 @@ class VideoTransformerEncoder(ModelBase):
     forward -> (B, num_classes) (the pooled D-wide embedding when num_classes == 0).
     """
 
-    input_names = ("video",)
 
     def __init__(
         self,
@@ -105,12 +117,6 @@ class VideoTransformerEncoder(ModelBase):
         x = features.mean(dim=1)  # (B, D)
         return x if pre_logits else self.head(x)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, num_classes)
-        return self.forward_head(self.forward_features(video))
-
-    def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
-        shape = (batch_size, self.in_channels, self.num_frames, self.image_size, self.image_size)
-        return {"video": random_video(shape, self._device())}
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -148,7 +154,7 @@ class ResidualBlock3d(nn.Module):
         return self.act(self.norm2(self.conv2(y)) + self.shortcut(x))
 
 
-class ConvVideoEncoder(ModelBase):
+class ConvVideoEncoder(ClipModel):
     """Residual 3D CNN (R3D-18 layout at base size) with global pooling and a linear head.
 
     Stem: Conv3d (3, 7, 7) stride (1, 2, 2); stages of residual blocks, each after the first
@@ -159,7 +165,6 @@ class ConvVideoEncoder(ModelBase):
     Input: `video` (B, C, T, H, W). forward_features -> (B, C', T', H', W'); forward -> (B, num_classes).
     """
 
-    input_names = ("video",)
 
     def __init__(
         self,
@@ -204,15 +209,9 @@ class ConvVideoEncoder(ModelBase):
         x = self.drop(features.mean(dim=(2, 3, 4)))  # (B, C')
         return x if pre_logits else self.head(x)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, num_classes)
-        return self.forward_head(self.forward_features(video))
-
-    def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
-        shape = (batch_size, self.in_channels, self.num_frames, self.image_size, self.image_size)
-        return {"video": random_video(shape, self._device())}
 
 
-class FrameVideoClassifier(ModelBase):
+class FrameVideoClassifier(ClipModel):
     """Video classification with an image backbone: frames -> backbone pre-logits features
     (B, T, D) -> mean over time (temporal_pooling="mean") or a TemporalTransformer
     ("transformer", bidirectional unless temporal_causal) -> linear head.
@@ -226,7 +225,6 @@ class FrameVideoClassifier(ModelBase):
     is reset to identity.
     """
 
-    input_names = ("video",)
 
     def __init__(
         self,
@@ -274,9 +272,6 @@ class FrameVideoClassifier(ModelBase):
         x = self.temporal.pool(features) if self.temporal is not None else features.mean(dim=1)
         x = self.drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, num_classes)
-        return self.forward_head(self.forward_features(video))
 
     def example_inputs(self, batch_size: int = 2) -> Dict[str, torch.Tensor]:
         image = self.backbone.example_inputs(1)["image"]
