@@ -44,8 +44,8 @@ def chain(ray_session, tmp_path_factory):
                                            "checkpoint_every_n_steps=240", "tracking.registered_model_name=t_classifier")).to_dict()
     set_alias("t_classifier", "champion", out["classifier"]["model_version"], tracking_uri=uri)
     out["matcher"] = run_training(_spec(
-        tmp, "video_text_matching.yaml", "match", "steps=120", "batch_size=16", "eval_every_n_steps=60",
-        "checkpoint_every_n_steps=120", "tracking.registered_model_name=t_matcher",
+        tmp, "video_text_matching.yaml", "match", "steps=200", "batch_size=16", "eval_every_n_steps=100",
+        "checkpoint_every_n_steps=200", "tracking.registered_model_name=t_matcher",
         "model.init_from={uri: 'models:/t_classifier@champion', target_prefix: video.}")).to_dict()
     set_alias("t_matcher", "champion", out["matcher"]["model_version"], tracking_uri=uri)
     out["t2v"] = run_training(_spec(
@@ -81,7 +81,8 @@ def test_precision_auto_is_resolved_and_logged(chain):
 
 def test_the_matcher_warm_starts_from_the_classifier_and_retrieves(chain):
     """Caption -> clip recall@1 over the 72 validation clips (chance 1/72; duplicate captions are shared
-    positives). Measured at this size: 0.81 (recall@5 0.99) after 120 steps of 2 x 16, warm-started."""
+    positives). Measured at this size after 200 steps of 2 x 16, warm-started: 0.75 in fp32 and 0.86 in
+    bf16 (recall@5 0.99-1.0); after 120 steps runs spread from 0.63 to 0.81, too close to the bar."""
     from mlflow.tracking import MlflowClient
 
     res = chain["matcher"]

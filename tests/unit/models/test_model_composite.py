@@ -58,3 +58,22 @@ def test_text_to_video_conditions_on_output_tokens_beside_word_embeddings():
         create_model("text_to_video_sprite_micro", condition_tokens="words")
     with pytest.raises(ValueError, match="text_projection=None"):
         create_model("text_to_video_sprite_micro", text_projection="mlp")
+
+
+@pytest.mark.parametrize("name", ["video_text_matching_micro", "video_text_matching_cnn_micro"])
+def test_matching_embeddings_stay_fp32_under_bf16_autocast(name):
+    """The towers run in bf16 under autocast; the unit embeddings every similarity is taken of do not
+    (bf16 rounding of cosines, times a logit scale up to 100, drowned the gaps between captions)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = model.example_inputs(4)
+    with torch.inference_mode(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        _, _, v, t = model.encode(**x)
+        out = model(**x, outputs="all")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on here
+    assert v.dtype == t.dtype == torch.float32 and out["video_embeddings"].dtype == torch.float32
+    with torch.inference_mode():
+        _, _, v32, t32 = model.encode(**x)
+    # the same embeddings as fp32 up to the towers' bf16 error, and unit length to fp32 precision
+    assert torch.allclose(v.norm(dim=-1), torch.ones(4), atol=1e-6) and torch.allclose(t.norm(dim=-1), torch.ones(4), atol=1e-6)
+    assert float((v - v32).abs().max()) < 0.05 and float((t - t32).abs().max()) < 0.05
