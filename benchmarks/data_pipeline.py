@@ -5,6 +5,10 @@
 Both sides decode with the same function (heygen_ray.data.decode.decode_clip, one decode thread), so
 the ratio isolates what Ray Data adds: parallel decoder actors minus scheduling and transfer overhead.
 Goal: ray_rate >= 0.8 x cores x single_process_rate. Results: benchmarks/results/data_pipeline.json.
+
+Also, side by side: whole passes over a small split (``--small-clips``, a validation split's size) in
+plain Ray tasks and in an actor pool, the two ways the pipeline decodes (``video.task_decode_max_rows``
+picks tasks for small datasets); and the large set in tasks, for the other side of that choice.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ def summarize(result: dict) -> list:
         {"measure": "Ray Data video pipeline clips/s, whole pass incl. decoder actor start-up", "anchor": anchor,
          "goal": f">= {goal}x", "measured": f"{whole}x (median of {len(result['ray_pipeline_clips_per_s_whole_pass'])} passes)",
          "met": whole >= goal},
+        {"measure": "whole pass of a small split in plain tasks, vs in an actor pool (why small datasets use tasks)",
+         "anchor": "the same split in an actor pool", "goal": ">= 1x",
+         "measured": f"{result['small_set_tasks_over_actor_pool']}x", "met": result["small_set_tasks_over_actor_pool"] >= 1},
+        {"measure": "whole pass of the large set in an actor pool, vs in plain tasks (why large datasets use actors)",
+         "anchor": "the same set in plain tasks", "goal": ">= 1x",
+         "measured": f"{result['large_set_actor_pool_over_tasks']}x", "met": result["large_set_actor_pool_over_tasks"] >= 1},
     ]
 
 
@@ -45,6 +55,7 @@ def main() -> int:
     ap.add_argument("--out-size", type=int, default=112, help="decoded height = width")
     ap.add_argument("--epochs", type=int, default=3, help="timed passes of the Ray pipeline (the first includes actor start-up)")
     ap.add_argument("--decode-batch-size", type=int, default=8)
+    ap.add_argument("--small-clips", type=int, default=48, help="clips of the small split timed in tasks vs actors")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.json"))
     args = ap.parse_args()
 
@@ -78,20 +89,37 @@ def main() -> int:
     # 2. the Ray Data pipeline (uniform sampling, uint8 rows), consumed by the driver
     spec = VideoDataSpec(manifest=gen.manifest, clip_frames=T, height=S, width=S, sampling="uniform",
                          decode_batch_size=args.decode_batch_size)
-    pipe = VideoPipeline.from_spec(spec)
-    passes, streams = [], []
-    for _ in range(args.epochs):
-        ds = pipe.dataset("train", columns=["video", "label"])
-        t0 = time.perf_counter()
-        n, first, n_first = 0, None, 0
-        for b in ds.iter_batches(batch_size=args.decode_batch_size, batch_format="numpy"):
-            if first is None:
-                first, n_first = time.perf_counter(), len(b["video"])
-            n += len(b["video"])
-        t1 = time.perf_counter()
-        assert n == len(paths), (n, len(paths))
-        passes.append(n / (t1 - t0))  # whole pass: includes starting the decoder actors
-        streams.append((n - n_first) / (t1 - first))  # once the actors are up
+    def whole_passes(pipe, rows: int) -> tuple:
+        """clips/s of each timed pass: whole, and after the first batch."""
+        passes, streams = [], []
+        for _ in range(args.epochs):
+            ds = pipe.dataset("train", columns=["video", "label"])
+            t0 = time.perf_counter()
+            n, first, n_first = 0, None, 0
+            for b in ds.iter_batches(batch_size=args.decode_batch_size, batch_format="numpy"):
+                if first is None:
+                    first, n_first = time.perf_counter(), len(b["video"])
+                n += len(b["video"])
+            t1 = time.perf_counter()
+            assert n == rows, (n, rows)
+            passes.append(n / (t1 - t0))  # whole pass: includes starting the decoders
+            streams.append((n - n_first) / max(t1 - first, 1e-9))  # once they are up
+        return passes, streams
+
+    def median(xs: list) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    pipe = VideoPipeline.from_spec(spec)  # 384 clips > task_decode_max_rows: the actor pool
+    assert len(paths) > spec.task_decode_max_rows
+    passes, streams = whole_passes(pipe, len(paths))
+    large_tasks, _ = whole_passes(VideoPipeline.from_spec(spec.model_copy(update={"task_decode_max_rows": len(paths)})),
+                                  len(paths))
+    small_dir = tempfile.mkdtemp(prefix="hr-bench-data-small-")
+    small = generate_dataset(synth.model_copy(update={"output_dir": small_dir, "num_clips": args.small_clips}))
+    small_spec = spec.model_copy(update={"manifest": small.manifest})
+    small_tasks, _ = whole_passes(VideoPipeline.from_spec(small_spec), args.small_clips)
+    small_actors, _ = whole_passes(VideoPipeline.from_spec(small_spec.model_copy(update={"task_decode_max_rows": 0})),
+                                   args.small_clips)
     steady = sorted(streams)[len(streams) // 2]  # median
     whole = sorted(passes)[len(passes) // 2]
     ratio = steady / (cores * single)
@@ -110,6 +138,14 @@ def main() -> int:
         "ray_over_cores_x_single_steady": round(ratio, 2),
         "ray_over_cores_x_single_whole_pass": round(whole / (cores * single), 2),
         "goal_ray_over_cores_x_single": 0.8,
+        "whole_pass_clips_per_s_median": {
+            f"{len(paths)} clips, actor pool (the pipeline's choice)": round(median(passes), 1),
+            f"{len(paths)} clips, tasks": round(median(large_tasks), 1),
+            f"{args.small_clips} clips, tasks (the pipeline's choice)": round(median(small_tasks), 1),
+            f"{args.small_clips} clips, actor pool": round(median(small_actors), 1),
+        },
+        "small_set_tasks_over_actor_pool": round(median(small_tasks) / median(small_actors), 2),
+        "large_set_actor_pool_over_tasks": round(median(passes) / median(large_tasks), 2),
         "note": "a whole pass includes starting the decoder actors (about 2 s here; Ray Data starts a new "
                 "actor pool every time a dataset is executed, i.e. every epoch); 'after first batch' is the "
                 "streaming rate once they are up",

@@ -9,6 +9,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Ray Train's controller polls its workers every 2 s by default, so each run ends up to 2 s after its
+# workers have; the suite runs ~50 of them. Set before Ray starts: its processes inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest
 

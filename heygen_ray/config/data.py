@@ -119,7 +119,11 @@ class VideoDataSpec(Spec):
     resize: Literal["squash", "center_crop"] = "squash"
     decode_threads: int = Field(default=1, ge=0, le=16, description="PyAV threads per decoder (0 = auto)")
     decode_batch_size: int = Field(default=16, ge=1)
-    num_decoders: Optional[int] = Field(default=None, ge=1, description="decoder actors; default: cluster CPUs")
+    num_decoders: Optional[int] = Field(default=None, ge=1, description="decoders at a time; default: cluster CPUs / decoder_num_cpus")
+    task_decode_max_rows: int = Field(
+        default=256, ge=0, description="a dataset of at most this many clips decodes in plain Ray tasks, which start at "
+        "once on Ray's warm worker processes; a larger one in a pool of decoder actors, which take seconds to start "
+        "(anew at every execution, i.e. every epoch) and then stream faster")
     decoder_num_cpus: float = Field(default=1.0, gt=0.0, le=64.0)
     cache: bool = Field(
         default=False, description="decode once and keep the clips in the object store for later epochs "

@@ -5,10 +5,12 @@
   round-trips exactly and no input is out of vocabulary.
 * :class:`PackTokens` (language modelling) tokenizes documents and packs them, each followed by
   ``<eos>``, into fixed-length sequences: ``input_ids`` (L) and ``labels`` (L, the next tokens).
-* :class:`TokenizeCaptions` (video-text tasks) adds ``caption_ids`` / ``caption_mask`` (padded to a
+* :func:`tokenize_captions` (video-text tasks) adds ``caption_ids`` / ``caption_mask`` (padded to a
   fixed length) to a video dataset.
 
-Both are callable classes: the tokenizer loads once per actor, not once per batch.
+The tokenizer loads once per worker process, not once per batch: `PackTokens` runs in an actor pool
+(the tokens that do not fill a row carry over to the actor's next batch); `tokenize_captions` is
+stateless and runs as plain tasks.
 """
 
 from __future__ import annotations
@@ -175,21 +177,30 @@ class PackTokens:
         return {"input_ids": rows[:, :-1].astype(np.int64), "labels": rows[:, 1:].astype(np.int64)}
 
 
-class TokenizeCaptions:
-    """``map_batches`` callable: adds ``caption_ids`` and ``caption_mask`` from the ``caption`` column."""
+_TOKENIZERS: Dict[str, TextTokenizer] = {}  # per worker process: tokenizer JSON digest -> tokenizer
 
-    def __init__(self, tokenizer_dir: str, max_tokens: int, drop_caption: bool = False) -> None:
-        self.tok = TextTokenizer.load(tokenizer_dir)
-        self.max_tokens = max_tokens
-        self.drop_caption = drop_caption
 
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        ids, mask = encode_captions(self.tok, list(batch["caption"]), self.max_tokens)
-        batch["caption_ids"] = ids.astype(np.int64)
-        batch["caption_mask"] = mask
-        if self.drop_caption:  # strings cannot become tensors in iter_torch_batches
-            batch = {k: v for k, v in batch.items() if k != "caption"}
-        return batch
+def tokenize_captions(batch: Dict[str, np.ndarray], *, tokenizer_json: str, max_tokens: int,
+                      drop_caption: bool = False) -> Dict[str, np.ndarray]:
+    """``map_batches`` function: adds ``caption_ids`` and ``caption_mask`` from the ``caption`` column.
+
+    The tokenizer travels as its JSON (so a worker on any node has it without reading the driver's
+    folder) and is built once per worker process. Plain Ray tasks, not an actor pool: Ray reuses its
+    warm worker processes, so a dataset starts tokenizing at once."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
+        tok = _TOKENIZERS[key] = TextTokenizer(Tokenizer.from_str(tokenizer_json))
+    ids, mask = encode_captions(tok, list(batch["caption"]), max_tokens)
+    batch["caption_ids"] = ids.astype(np.int64)
+    batch["caption_mask"] = mask
+    if drop_caption:  # strings cannot become tensors in iter_torch_batches
+        batch = {k: v for k, v in batch.items() if k != "caption"}
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,11 +220,6 @@ class TextPipeline:
         tok, trained = ensure_tokenizer(spec)
         return cls(spec=spec, tokenizer=tok, tokenizer_dir=fsutil.absolute(spec.tokenizer_dir or ""), trained_tokenizer=trained)
 
-    def _pool(self):
-        import ray
-
-        return ray.data.ActorPoolStrategy(size=self.spec.num_tokenizers)
-
     def lm_dataset(self) -> "ray.data.Dataset":  # noqa: F821
         """Packed language-modelling sequences: ``input_ids`` and ``labels``, int64 (seq_len)."""
         import ray
@@ -229,16 +235,18 @@ class TextPipeline:
             PackTokens,
             fn_constructor_kwargs={"tokenizer_dir": self.tokenizer_dir, "seq_len": self.spec.seq_len,
                                    "text_field": self.spec.text_field},
-            batch_size=self.spec.batch_size, batch_format="numpy", compute=self._pool(),
-            num_cpus=self.spec.tokenizer_num_cpus,
+            batch_size=self.spec.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.spec.num_tokenizers), num_cpus=self.spec.tokenizer_num_cpus,
         )
 
     def add_caption_tokens(self, ds: "ray.data.Dataset", drop_caption: bool = False) -> "ray.data.Dataset":  # noqa: F821
         """Tokenize the ``caption`` column of a video dataset (for the video-text tasks)."""
+        import ray
+
         return ds.map_batches(
-            TokenizeCaptions,
-            fn_constructor_kwargs={"tokenizer_dir": self.tokenizer_dir, "max_tokens": self.spec.caption_max_tokens,
-                                   "drop_caption": drop_caption},
-            batch_size=self.spec.batch_size, batch_format="numpy", compute=self._pool(),
-            num_cpus=self.spec.tokenizer_num_cpus,
+            tokenize_captions,
+            fn_kwargs={"tokenizer_json": self.tokenizer.tok.to_str(), "max_tokens": self.spec.caption_max_tokens,
+                       "drop_caption": drop_caption},
+            batch_size=self.spec.batch_size, batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=self.spec.num_tokenizers), num_cpus=self.spec.tokenizer_num_cpus,
         )

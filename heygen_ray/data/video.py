@@ -1,8 +1,9 @@
 """The Ray Data video pipeline: manifest -> PyAV decode (one row per clip) -> uint8 (T, H, W, 3).
 
 The manifest (parquet, CSV or JSONL; a local path or any pyarrow URI) is read in the driver, checked,
-and turned into a dataset of rows; a pool of :class:`ClipDecoder` actors decodes each file with the
-pure functions in :mod:`heygen_ray.data.decode`. Bad files (missing, truncated, not a video, too
+and turned into a dataset of rows; :class:`ClipDecoder` decodes each file with the pure functions in
+:mod:`heygen_ray.data.decode`, in plain Ray tasks for a small dataset (:func:`decode_batch`) and in a
+pool of actors for a large one (``video.task_decode_max_rows``). Bad files (missing, truncated, not a video, too
 short with ``short_clips='drop'``) are dropped and counted by a small stats actor; if every file of
 the pipeline is bad, decoding fails with an error that says so. Normalisation to float happens on the
 training worker (:func:`heygen_ray.data.transforms.video_to_float`), so the object store carries uint8.
@@ -139,9 +140,11 @@ class DecodeStats:
 
 
 class ClipDecoder:
-    """Callable class for ``map_batches``: reads each file through pyarrow and decodes it with PyAV.
+    """Reads each file of a batch through pyarrow and decodes it with PyAV; reports the batch's decoded
+    and dropped rows to the dataset's `DecodeStats` actor.
 
-    One instance per actor: the filesystem handles are made once, not once per batch.
+    One instance per actor, or per worker process and settings (:func:`decode_batch`): the filesystem
+    handles are made once, not once per batch.
     """
 
     def __init__(self, spec: Dict[str, Any], sampling: str, stats: Any, manifest: str,
@@ -201,10 +204,29 @@ class ClipDecoder:
     def _report(self, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
         import ray
 
-        if not bad:
-            self.stats.report.remote(ok_ids, [])  # fire and forget
-            return False
+        # awaited: when the last batch reaches the consumer, the stats hold every batch before it
         return bool(ray.get(self.stats.report.remote(ok_ids, bad)))
+
+
+_DECODERS: Dict[str, ClipDecoder] = {}  # per worker process: settings -> decoder
+
+
+def decode_batch(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any], sampling: str, stats: Any, manifest: str,
+                 columns: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+    """The ``map_batches`` function of a small dataset: decodes ``batch`` with this process's
+    `ClipDecoder` for these settings, reporting to ``stats`` (the dataset's own actor).
+
+    Plain Ray tasks run on Ray's warm worker processes, so decoding starts at once; an actor pool
+    first starts a process per decoder (seconds on a small machine, at every execution of the
+    dataset), which took longer than decoding a validation split or a small training set. Measured
+    on 2 cores, Ray Data ran fewer of these tasks at a time than it ran actors, so large datasets
+    still decode in an actor pool."""
+    key = json.dumps([spec, sampling, manifest, columns], sort_keys=True, default=str)
+    decoder = _DECODERS.get(key)
+    if decoder is None:
+        decoder = _DECODERS[key] = ClipDecoder(spec, sampling, stats, manifest, columns)
+    decoder.stats = stats
+    return decoder(batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,19 +296,19 @@ class VideoPipeline:
         rows_per_block = self.spec.decode_batch_size
         blocks = [rows.slice(i, rows_per_block) for i in range(0, rows.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            ClipDecoder,
-            fn_constructor_kwargs={"spec": self.spec.to_dict(), "sampling": sampling, "stats": stats,
-                                   "manifest": self.manifest_uri, "columns": columns},
-            batch_size=self.spec.decode_batch_size,
-            batch_format="numpy",
-            # Start every decoder up front (the autoscaler was slow to add the second one on small
-            # data sets); min_size=1 keeps the pipeline going when Train holds some of the CPUs.
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders, initial_size=n_decoders),
-            num_cpus=self.spec.decoder_num_cpus,
-        )
-        # Columns are selected inside the decoder: a separate select_columns step would be a task
-        # waiting for a CPU that the decoder actors hold, and would hold back every output until the end.
+        settings = {"spec": self.spec.to_dict(), "sampling": sampling, "stats": stats, "manifest": self.manifest_uri,
+                    "columns": columns}
+        if rows.num_rows <= self.spec.task_decode_max_rows:
+            fn, kwargs = decode_batch, {"fn_kwargs": settings}
+            compute = ray.data.TaskPoolStrategy(size=min(n_decoders, len(blocks)))
+        else:
+            fn, kwargs = ClipDecoder, {"fn_constructor_kwargs": settings}
+            # Every decoder up front (the autoscaler was slow to add the second one on small data
+            # sets); min_size=1 keeps the pipeline going when Train holds some of the CPUs.
+            compute = ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders, initial_size=n_decoders)
+        ds = ds.map_batches(fn, **kwargs, batch_size=self.spec.decode_batch_size, batch_format="numpy", compute=compute,
+                            num_cpus=self.spec.decoder_num_cpus)
+        # Columns are selected inside the decoder (one step, not a second pass over the decoded clips).
         if self.spec.cache if cache is None else cache:
             ds = ds.materialize()  # decoded once; every later epoch reads these blocks
         return ds

@@ -40,6 +40,12 @@ def test_video_pipeline_yields_one_row_per_clip(ray_session, tiny_dataset):
     assert pipe.num_classes == 16 and pipe.label_names == spec.label_names
     s = pipe.stats("val")
     assert s["decoded"] == len(expected) and s["dropped"] == 0
+    # a split of this size decodes in plain tasks; the actor pool of large splits decodes the same clips
+    assert len(expected) <= pipe.spec.task_decode_max_rows
+    pooled = VideoPipeline.from_spec(pipe.spec.model_copy(update={"task_decode_max_rows": 0}))
+    by_id = lambda bs: {int(r): v for b in bs for r, v in zip(b["row_id"], b["video"])}  # noqa: E731
+    a, b = by_id(batches), by_id(consume(pooled.dataset("val")))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_uniform_sampling_is_deterministic_random_is_not(ray_session, tiny_dataset):
@@ -68,9 +74,10 @@ def damaged_manifest(tmp_path, tiny_dataset):
     return root, table, {rows[i]["path"] for i in train[:3]}
 
 
-def test_bad_files_are_dropped_and_counted(ray_session, damaged_manifest, caplog):
+@pytest.mark.parametrize("task_decode_max_rows", [256, 0], ids=["tasks", "actor_pool"])
+def test_bad_files_are_dropped_and_counted(ray_session, damaged_manifest, caplog, task_decode_max_rows):
     root, table, bad = damaged_manifest
-    pipe = VideoPipeline.from_spec(VideoDataSpec(manifest=str(root / "manifest.parquet")))
+    pipe = VideoPipeline.from_spec(VideoDataSpec(manifest=str(root / "manifest.parquet"), task_decode_max_rows=task_decode_max_rows))
     n_train = sum(1 for s in table.column("split").to_pylist() if s == "train")
     got = sum(len(b["video"]) for b in consume(pipe.dataset("train")))
     assert got == n_train - 3
