@@ -15,6 +15,7 @@ stateless and runs as plain tasks.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -177,7 +178,12 @@ class PackTokens:
         return {"input_ids": rows[:, :-1].astype(np.int64), "labels": rows[:, 1:].astype(np.int64)}
 
 
-_TOKENIZERS: Dict[str, TextTokenizer] = {}  # per worker process: tokenizer JSON digest -> tokenizer
+@functools.lru_cache(maxsize=4)
+def _tokenizer_from_json(tokenizer_json: str) -> TextTokenizer:
+    """Built once per worker process and tokenizer."""
+    from tokenizers import Tokenizer
+
+    return TextTokenizer(Tokenizer.from_str(tokenizer_json))
 
 
 def tokenize_captions(batch: Dict[str, np.ndarray], *, tokenizer_json: str, max_tokens: int,
@@ -187,14 +193,7 @@ def tokenize_captions(batch: Dict[str, np.ndarray], *, tokenizer_json: str, max_
     The tokenizer travels as its JSON (so a worker on any node has it without reading the driver's
     folder) and is built once per worker process. Plain Ray tasks, not an actor pool: Ray reuses its
     warm worker processes, so a dataset starts tokenizing at once."""
-    import hashlib
-
-    from tokenizers import Tokenizer
-
-    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    tok = _TOKENIZERS.get(key)
-    if tok is None:
-        tok = _TOKENIZERS[key] = TextTokenizer(Tokenizer.from_str(tokenizer_json))
+    tok = _tokenizer_from_json(tokenizer_json)
     ids, mask = encode_captions(tok, list(batch["caption"]), max_tokens)
     batch["caption_ids"] = ids.astype(np.int64)
     batch["caption_mask"] = mask

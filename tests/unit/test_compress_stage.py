@@ -94,7 +94,7 @@ def test_int8_dynamic_step_writes_its_int8_file_and_registers_its_fp32_source(ch
     assert final.name == "pruned_distilled_int8_dynamic" and final.is_int8 and final.parent == stage.TEACHER
     assert final.artifact == ws.path(final.name, "int8_dynamic.pt") and os.path.isfile(final.artifact)
     assert final.model_dir is None and final.registered_module() is final.source is teacher.source
-    assert stage._module(final.runnable) is not teacher.source  # quantized a copy
+    assert stage.runnable_module(final.runnable) is not teacher.source  # quantized a copy
 
 
 def test_unstructured_control_step_zeroes_a_copy_of_the_teacher(chain):
