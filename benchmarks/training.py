@@ -218,7 +218,7 @@ def main() -> int:
     if "mfu" not in skip:
         from heygen_ray.train.driver import measure_matmul_peak
 
-        peaks = {p: measure_matmul_peak(p, threads=cpus, n=2048, iters=6) for p in ("fp32", "bf16")}
+        peaks = {p: measure_matmul_peak(p, threads=cpus, n=2048, iters=6, cache=False) for p in ("fp32", "bf16")}
         torch.set_num_threads(cpus)
         row = (next((r for r in result.get("bf16_vs_fp32", {}).get("rows", []) if r["width"] == 512), None)
                or precision_curve([512], 20, 5)[0])

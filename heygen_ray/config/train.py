@@ -166,6 +166,10 @@ class TrainSpec(Spec):
     run_dir: str = Field(default="runs", description="checkpoints, results.json and the default MLflow store")
     peak_flops: Optional[float] = Field(default=None, gt=0.0, description="FLOP/s for MFU; default: measured matmul peak")
     seed: int = 0
+    hold_train_shard_mb: float = Field(
+        default=256.0, ge=0.0, description="a materialised (cached) training split: each worker keeps the rows of "
+        "its first epoch in memory when they take at most this many MB, and later epochs are permutations of them "
+        "(seed + epoch) instead of a new Ray Data execution each; 0: every epoch streams from Ray Data")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")

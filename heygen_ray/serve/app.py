@@ -203,10 +203,10 @@ class Ingress:
     async def reload(self) -> Dict[str, Any]:
         """Move every replica to the versions the aliases point at now (in-flight requests finish
         on the old ones). One replica per endpoint answers here; the others follow within seconds."""
-        gen = await self.coordinator.bump.remote()
         results = {}
         for e, h in self.handles.items():
             results[e] = await h.reload.remote()
+        gen = await self.coordinator.bump.remote()  # after: the other replicas follow what this one did
         return {"generation": gen, "endpoints": results}
 
     @api.post("/v1/videos/classify")

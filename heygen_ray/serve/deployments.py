@@ -151,12 +151,20 @@ class TaskModel:
         return await self._get_slot(serve.get_multiplexed_model_id() or DEFAULT_ID)
 
     # -- reload ---------------------------------------------------------------------------------
+    def _versions(self) -> Dict[str, Any]:
+        return {k: s.snapshot()[1].get("version") for k, s in self.slots.items()}
+
     async def reload(self) -> Dict[str, Any]:
-        """Re-resolve every loaded variant; load and swap those whose version moved."""
+        """Re-resolve every loaded variant; load and swap those whose version moved.
+
+        ``changed`` reports every version that moved between this call's arrival and its answer,
+        also when another reload (the generation watch or the periodic one) did the swap while this
+        call waited for the lock."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
+        arrived = self._versions()
         async with self._reload_lock:
-            changed = {}
+            changed: Dict[str, Dict[str, Any]] = {}
             for model_id, slot in list(self.slots.items()):
                 _, info, _ = slot.snapshot()
                 try:
@@ -175,7 +183,11 @@ class TaskModel:
                 changed[model_id] = {"from": info.get("version"), "to": new_info.get("version")}
             if changed:
                 self.reloads.append({"time": time.time(), "changed": changed})
-            return {"changed": changed, "versions": {k: s.snapshot()[1].get("version") for k, s in self.slots.items()}}
+            now = self._versions()
+            for model_id, version in now.items():  # swapped by a reload that ran while this one waited
+                if model_id not in changed and model_id in arrived and arrived[model_id] != version:
+                    changed[model_id] = {"from": arrived[model_id], "to": version}
+            return {"changed": changed, "versions": now}
 
     def _ensure_watch(self) -> None:
         if self._watch_task is None:

@@ -76,8 +76,9 @@ def _template_path() -> str:
     ``~/.cache/heygen_ray``)."""
     import mlflow
 
-    root = os.environ.get("HEYGEN_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "heygen_ray")
-    return os.path.join(root, f"mlflow-{mlflow.__version__}-empty.db")
+    from heygen_ray.hostcache import cache_root
+
+    return os.path.join(cache_root(), f"mlflow-{mlflow.__version__}-empty.db")
 
 
 def seed_sqlite_store(db: str) -> bool:

@@ -35,8 +35,20 @@ def absolutize(spec: TrainSpec) -> TrainSpec:
     return TrainSpec.from_dict(d)
 
 
-def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 1024, iters: int = 8) -> float:
-    """FLOP/s of a square matmul on this CPU with ``threads`` threads (the MFU denominator per worker)."""
+def measure_matmul_peak(dtype_name: str = "fp32", threads: int = 1, n: int = 1024, iters: int = 8,
+                        cache: bool = True) -> float:
+    """FLOP/s of a square matmul on this CPU with ``threads`` threads (the MFU denominator per worker),
+    measured once per host (:mod:`heygen_ray.hostcache`; ``cache=False`` measures now): a re-measure on
+    a machine busy with the previous run's shutdown reads low and would inflate MFU."""
+    from heygen_ray.hostcache import cached_measure
+
+    if not cache:
+        return _time_matmul(dtype_name, threads, n, iters)
+    key = {"dtype": dtype_name, "threads": threads, "n": n, "iters": iters}
+    return cached_measure("matmul-peak", key, lambda: _time_matmul(dtype_name, threads, n, iters))[0]
+
+
+def _time_matmul(dtype_name: str, threads: int, n: int, iters: int) -> float:
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[dtype_name]
@@ -227,6 +239,7 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
     ``mlflow_run_id``: continue that existing run instead of opening a new one (a retried trial).
     ``prepared``: (datasets, info) from ``prepare_data`` for this spec's data, prepared once by a
     sweep for all its trials."""
+    from ray.data.dataset import MaterializedDataset
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -249,7 +262,8 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
     peak = spec.peak_flops or peak_flops_for(spec.precision, threads=max(1, int((os.cpu_count() or 1) / workers)))
     # validated before the MLflow run opens: a bad extra_config leaves no run behind
     worker = WorkerConfig.build(spec=spec, data_info=info, run_dir=run_dir, tracking_uri=tracking_uri,
-                                has_val="val" in datasets, peak_flops=peak, extra=extra_config)
+                                has_val="val" in datasets, peak_flops=peak, extra=extra_config,
+                                train_materialized=isinstance(datasets["train"], MaterializedDataset))
 
     mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict(),
                                              run_id=mlflow_run_id)

@@ -41,6 +41,8 @@ class WorkerConfig(Spec):
     run_dir: str = Field(min_length=1, description="<spec.run_dir>/<name>: checkpoints, samples, precision record")
     tracking_uri: Optional[str] = Field(default=None, description="where registered models (init_from, judge) are read")
     has_val: bool = Field(default=False, description="a 'val' dataset was given to the trainer")
+    train_materialized: bool = Field(default=False, description="the 'train' dataset is materialised: its rows are the "
+                                     "same every epoch, so a worker may hold them (spec.hold_train_shard_mb)")
     peak_flops: Dict[str, float] = Field(default_factory=dict,
                                          description="measured peak FLOP/s per precision (the MFU denominators)")
     mlflow_run_id: Optional[str] = Field(default=None, description="the driver's MLflow run (None: not tracked)")

@@ -89,3 +89,30 @@ def test_a_recorded_choice_is_kept_by_later_attempts_of_the_run(tmp_path, monkey
     assert read_choice(str(tmp_path / "bad.json"), "auto") is None
     write_choice(record, PrecisionChoice("fp32", "fp32", "set in the config"))
     assert read_choice(record, "fp32").reason == "set in the config"
+
+
+def test_the_probe_runs_once_per_host_and_model_shape(tmp_path, monkeypatch):
+    """Two runs of the same model at the same batch take the first probe's answer (a second probe on a
+    busy machine can land on the other side of MIN_SPEEDUP); another batch size is probed anew. The
+    CPU flags are set to a bf16-capable CPU so the probe path runs on any machine."""
+    from heygen_ray.config import TrainSpec
+    from heygen_ray.train import precision
+    from heygen_ray.train.tasks import DataInfo, get_task
+
+    monkeypatch.setenv("HEYGEN_RAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    speedups = iter([1.3, 0.8, 0.7])
+    probes = []
+    monkeypatch.setattr(precision, "probe_bf16_speedup", lambda *a: probes.append(1) or next(speedups))
+    task, info = get_task("video_classification"), DataInfo(clip_frames=4, height=16, width=16, num_classes=4)
+    model = create_model("cnn_video_micro", num_classes=4, image_size=16)
+
+    def choose(batch):
+        spec = TrainSpec.from_dict({"name": "p", "task": "video_classification", "precision": "auto", "batch_size": batch})
+        return precision.choose_precision(spec, model, task, info, CPU, 1)
+
+    first, second = choose(2), choose(2)
+    assert first.precision == second.precision == "bf16" and second.bf16_speedup == 1.3 and len(probes) == 1
+    assert "cached" not in first.reason and "probe cached on this host" in second.reason
+    other = choose(3)
+    assert other.precision == "fp32" and other.bf16_speedup == 0.8 and len(probes) == 2

@@ -136,3 +136,42 @@ def test_a_bad_video_in_a_batch_fails_only_its_request():
     with pytest.raises(BadInputError):
         _raise_error({"error": errors[1]})
     assert prep.decode(sample_video()).shape == (4, 16, 16, 3)
+
+
+def test_reload_reports_a_swap_done_while_it_waited(monkeypatch):
+    """Two reloads at once (POST /v1/admin/reload and a replica's own generation watch): the second
+    waits for the lock and finds nothing left to swap, but must still report the version that moved
+    while it waited. The registry lookup is replaced by a dict here: this tests the lock and the
+    report; the real registry path runs in tests/integration/test_serve.py."""
+    import asyncio
+    import types
+
+    import heygen_ray.tracking as tracking
+    from heygen_ray.serve.deployments import Slot, TaskModel
+
+    registry = {"version": "1"}
+    monkeypatch.setattr(tracking, "resolve_model_uri",
+                        lambda uri, tracking_uri=None: types.SimpleNamespace(name="cls", version=registry["version"]))
+    model = TaskModel.__new__(TaskModel)
+    model.endpoint, model.tracking_uri, model.reloads, model._reload_lock = "classify", None, [], None
+    slot = Slot("default", "models:/cls@champion", object(), {"name": "cls", "version": "1"}, None)
+    model.slots = {"default": slot}
+    model._target = lambda model_id: ("models:/cls@champion", None, "models:/cls@champion")
+
+    def load(model_id):
+        import time
+
+        time.sleep(0.2)  # a load takes long enough for the second call to queue on the lock
+        return object(), {"name": "cls", "version": registry["version"]}, None, None
+
+    model._load_runnable = load
+
+    async def both():
+        registry["version"] = "2"
+        return await asyncio.gather(model.reload(), model.reload())
+
+    first, second = asyncio.run(both())
+    assert first["changed"] == {"default": {"from": "1", "to": "2"}}
+    assert second["changed"] == {"default": {"from": "1", "to": "2"}} and second["versions"] == {"default": "2"}
+    assert len(model.reloads) == 1  # one swap happened, recorded once
+    assert asyncio.run(model.reload())["changed"] == {}  # nothing moved since
