@@ -556,10 +556,18 @@ class PipelineRun:
         rows = {r["variant"]: r for r in res["variants"]}
         final = rows[res["final_variant"]]
         name = d.get("registered_model_name")
-        out = {"teacher_uri": uri, "final_variant": res["final_variant"], "alias_variant": res["alias_variant"],
-               "registered_model_name": name, "versions": res.get("versions", {}), "results_path": res["results_path"],
-               "champion": bool(res["alias_variant"]) and bool(name),
-               "champion_uri": model_uri(name, alias=self.spec.champion_alias) if res["alias_variant"] and name else None,
+        versions = res.get("versions") or {}
+        alias_variant = res["alias_variant"]
+        # smoke sizes check the plumbing: a dozen distillation steps cannot hold a learned teacher's
+        # quality, so, as for the trainings, the gate is reported, not applied (the final variant serves)
+        gate = "not applied (smoke)" if self.spec.smoke else None
+        if self.spec.smoke and alias_variant is None:
+            if _set_champion(name, versions.get(res["final_variant"]), self.spec.champion_alias, self.tracking_uri):
+                alias_variant = res["final_variant"]
+        out = {"teacher_uri": uri, "final_variant": res["final_variant"], "alias_variant": alias_variant, "gate": gate,
+               "registered_model_name": name, "versions": versions, "results_path": res["results_path"],
+               "champion": bool(alias_variant) and bool(name),
+               "champion_uri": model_uri(name, alias=self.spec.champion_alias) if alias_variant and name else None,
                "figures": {v: {k: r.get(k) for k in ("quality", "p50_ms_bs1", "speedup_bs1_vs_fp32", "speedup_bs1_vs_bf16",
                                                       "params", "size_bytes", "passes_gate")} for v, r in rows.items()}}
         metric = (f"{res['final_variant']}: {final.get('speedup_bs1_vs_fp32', 0):.2f}x vs fp32, "

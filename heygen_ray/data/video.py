@@ -226,7 +226,11 @@ def decode_batch(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any], sampling
     if decoder is None:
         decoder = _DECODERS[key] = ClipDecoder(spec, sampling, stats, manifest, columns)
     decoder.stats = stats
-    return decoder(batch)
+    try:
+        return decoder(batch)
+    finally:
+        # the cached decoder must not keep the dataset's stats actor alive after the dataset is gone
+        decoder.stats = None
 
 
 # --------------------------------------------------------------------------------------------------

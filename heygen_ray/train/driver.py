@@ -282,7 +282,8 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
             callbacks=list(callbacks) or None,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # one worker reads the whole split: no split coordinator actor to start (a process importing Ray Data)
+        dataset_config=DataConfig(datasets_to_split=["train"] if workers > 1 else []),
     )
     try:
         result = trainer.fit()

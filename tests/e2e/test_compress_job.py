@@ -5,7 +5,7 @@ quantized with QAT; every reference variant (the compiled fp32 student too) is m
 registered with its lineage, and the gate decides the alias. Then the same pruned student fine-tuned
 *without* the teacher (alpha = 0, same steps, same data) is compared with the distilled one.
 
-The int8 static (PT2E) path is the quickstart pipeline's (tests/e2e/test_pipeline.py) and a unit test's
+The int8 static (PT2E) path is the quickstart pipeline's (tests/e2e/test_quickstart.py) and a unit test's
 (tests/unit/test_compress_quantize.py)."""
 
 import json

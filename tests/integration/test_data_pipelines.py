@@ -144,3 +144,32 @@ def test_cache_decodes_once(ray_session, tiny_dataset):
     first, second = by_id(consume(ds)), by_id(consume(ds))
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
     assert pipe.stats("train")["decoded"] == len(first)
+
+
+def test_a_dataset_s_stats_actor_ends_with_the_dataset(ray_session, tiny_dataset):
+    """Decoding in tasks reuses a decoder per worker process; it must not keep the stats actor of a
+    dataset that is gone alive (a long session would collect one idle actor process per dataset)."""
+    import gc
+    import time
+
+    import ray
+
+    _, res = tiny_dataset
+    spec = VideoDataSpec(manifest=res.manifest, clip_frames=4, height=16, width=16)
+    pipe = VideoPipeline.from_spec(spec)
+    assert len(consume(pipe.dataset("val"))) > 0
+    actor_id = pipe._stats["val"][0]._actor_id.hex()
+
+    def alive() -> bool:
+        from ray.util.state import get_actor
+
+        return get_actor(actor_id).state == "ALIVE"
+
+    assert alive()
+    del pipe
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(), "the stats actor outlived its dataset"
+    assert ray.is_initialized()

@@ -1,5 +1,5 @@
 """text_to_video with its GAN on a real local Ray, 2 DDP workers: recovery with both optimizers, samples (the
-learning of every task is in test_learning.py)."""
+learning of every task is in tests/e2e/test_quickstart.py)."""
 
 import os
 

@@ -1,5 +1,5 @@
 """Ray Train runs on a real local Ray with 2 DDP workers: fault recovery, resume by name, tracking and
-registration, forced precisions. (What each model learns: tests/integration/test_learning.py.)"""
+registration, forced precisions. (What each model learns: tests/e2e/test_quickstart.py.)"""
 
 import json
 import math

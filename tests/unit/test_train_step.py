@@ -350,7 +350,7 @@ def test_worker_config_is_validated_on_the_driver_and_survives_the_trip_to_a_wor
 
     cfg = lm_worker_config(tmp_path)
     plain = cfg.to_dict()
-    assert set(plain) == {"spec", "data_info", "run_dir", "tracking_uri", "has_val", "peak_flops", "mlflow_run_id",
+    assert set(plain) == {"spec", "data_info", "run_dir", "tracking_uri", "has_val", "train_materialized", "peak_flops", "mlflow_run_id",
                           "init_model", "distill"}
     assert WorkerConfig.coerce(plain) == cfg == pickle.loads(pickle.dumps(cfg)) and WorkerConfig.coerce(cfg) is cfg
     assert cfg.peak_for("fp32") == 1e9 and cfg.peak_for("bf16") == 0.0
