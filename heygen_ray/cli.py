@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from heygen_ray import fsutil
 from heygen_ray.config import (
     SMOKE_OVERRIDES,
     SPEC_KINDS,
@@ -49,11 +50,19 @@ def _config_failure(err: ConfigError) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _load(cls: Type[Spec], config: Optional[Path], overrides: Optional[List[str]], smoke_key: Optional[str] = None) -> Any:
+def _load(cls: Type[Spec], config: Optional[Path], overrides: Optional[List[str]], smoke_key: Optional[str] = None,
+          *, storage: bool = True) -> Any:
+    """The validated spec; with ``storage``, its storage root (the spec's ``storage``, else
+    $HEYGEN_RAY_STORAGE) is checked and set for this process, so a bad one fails before Ray starts."""
+    from heygen_ray.runtime import use_storage
+
     ovr = list(SMOKE_OVERRIDES.get(smoke_key, [])) if smoke_key else []
     ovr += list(overrides or [])
     try:
-        return load_spec(cls, config, ovr)
+        spec = load_spec(cls, config, ovr)
+        if storage:
+            use_storage(getattr(spec, "storage", None))
+        return spec
     except ConfigError as err:
         _config_failure(err)
 
@@ -77,7 +86,7 @@ def config_show(
     except (ConfigError, KeyError) as err:
         err_console.print(f"config error: {err}", highlight=False)
         raise typer.Exit(2)
-    spec = _load(cls, config, overrides)
+    spec = _load(cls, config, overrides, storage=False)
     sys.stdout.write(spec.to_yaml())
 
 
@@ -218,7 +227,7 @@ def pipeline_run(
         t.add_row(row["stage"], row["status"], str(row.get("metric") or ""), f"{row['seconds']:.1f}")
     console.print(t)
     print_where_to_look(summary)
-    _write_results(results or Path(spec.output_dir) / "results.json", summary)
+    _write_results(results or Path(fsutil.absolute(spec.output_dir)) / "results.json", summary)
 
 
 def print_where_to_look(summary: Dict[str, Any]) -> None:
@@ -227,7 +236,7 @@ def print_where_to_look(summary: Dict[str, Any]) -> None:
     if uri.startswith("sqlite:"):
         lines.append(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  ->  http://127.0.0.1:5000")
     elif uri:
-        lines.append(f"MLflow UI: {uri}")
+        lines.append(f"MLflow UI: {uri}  (the tracking server the runs went to, serving now)")
     serve = summary["stages"].get("serve") or {}
     if serve.get("url"):
         lines.append(f"Serve:     {serve['url']}  (GET /v1/models; stop: make stop)" if serve.get("running")

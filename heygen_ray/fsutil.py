@@ -1,14 +1,17 @@
 """Paths and URIs: one place that turns "data/x", "/abs/x" or "s3://bucket/x" into a pyarrow filesystem.
 
 Stages hand off through URIs. Local relative paths are made absolute in the driver (Train workers chdir
-into their own run directories, so a relative path means something else there).
+into their own run directories, so a relative path means something else there): against the storage
+root when one is set ($HEYGEN_RAY_STORAGE, or a spec's ``storage`` through ``runtime.use_storage``), else
+against the current directory. A job submitted to a cluster runs in a temporary copy of the code, so
+there a relative ``run_dir`` or data folder must land under the storage root, not beside the code.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-from typing import Tuple
+from typing import Optional, Tuple
 
 import pyarrow.fs as pafs
 
@@ -17,13 +20,27 @@ def has_scheme(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+STORAGE_ENV = "HEYGEN_RAY_STORAGE"
+
+
+def storage_root() -> Optional[str]:
+    """The directory relative output and data paths resolve against ($HEYGEN_RAY_STORAGE), or None."""
+    root = os.environ.get(STORAGE_ENV, "").strip()
+    return root or None
+
+
 def absolute(uri: str) -> str:
-    """Local paths -> absolute paths; URIs with a scheme are returned unchanged."""
+    """Local paths -> absolute paths (a relative one against :func:`storage_root` when set, else the
+    current directory); URIs with a scheme are returned unchanged."""
     if has_scheme(uri):
         return uri
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
-    return os.path.abspath(os.path.expanduser(uri))
+    uri = os.path.expanduser(uri)
+    root = storage_root()
+    if root and not os.path.isabs(uri):
+        return os.path.abspath(os.path.join(os.path.expanduser(root), uri))
+    return os.path.abspath(uri)
 
 
 def filesystem(uri: str) -> Tuple[pafs.FileSystem, str]:

@@ -98,7 +98,12 @@ def model_refs(spec: TrainSpec) -> List[str]:
 def plan_pipeline(spec: PipelineSpec) -> List[Unit]:
     """The units in run order, every stage spec validated. The pipeline owns the data set (each
     stage's ``data.synth`` and manifest become the pipeline's), the run folders
-    (``<output_dir>/<stage>/``) and tracking (one store, runs nested under the stage's run)."""
+    (``<output_dir>/<stage>/``) and tracking (one store, runs nested under the stage's run).
+    The spec's ``storage`` (when set) becomes the storage root those folders resolve under."""
+    from heygen_ray import runtime
+
+    if spec.storage:
+        runtime.use_storage(spec.storage)
     out_dir = fsutil.absolute(spec.output_dir)
     synth = spec.data.synth.to_dict() if spec.data.synth is not None else None
     manifest = spec.data.video.manifest

@@ -1,4 +1,5 @@
-"""Connecting to Ray: the one place jobs and the CLI start or join a cluster."""
+"""Connecting to Ray and choosing where results go: the one place jobs and the CLI start or join a
+cluster and set the storage root."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import logging
 import os
 from typing import Optional
 
-from heygen_ray.config import RaySpec
+from heygen_ray import fsutil
+from heygen_ray.config import ConfigError, RaySpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,32 @@ def init_ray(spec: Optional[RaySpec] = None, *, quiet: bool = True) -> None:
         ctx.print_on_execution_start = False
     if not spec.log_to_driver:
         quiet_console()
+
+
+def use_storage(storage: Optional[str] = None) -> Optional[str]:
+    """Make ``storage`` (a spec's ``storage`` field; default ``$HEYGEN_RAY_STORAGE``) this process's
+    storage root, after checking that it can be created and written: relative run, output and data
+    paths then resolve under it (:func:`heygen_ray.fsutil.absolute`). Returns the absolute root, or
+    None when neither is set (paths stay relative to the current directory). A root that cannot be
+    used fails here, naming it, before Ray or any worker starts."""
+    field = "storage" if storage else f"${fsutil.STORAGE_ENV}"
+    root = storage or fsutil.storage_root()
+    if not root:
+        return None
+    if fsutil.has_scheme(root):
+        raise ConfigError(f"{field}: {root!r}: the storage root must be a local or shared (e.g. NFS) directory; "
+                          "object-store roots (s3://, gs://) are not supported yet")
+    path = os.path.abspath(os.path.expanduser(root[len("file://"):] if root.startswith("file://") else root))
+    probe = os.path.join(path, f".heygen_ray-write-check-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"{field}: cannot write to the storage root {root!r}: {err.strerror or err}") from None
+    os.environ[fsutil.STORAGE_ENV] = path
+    return path
 
 
 def require_ray(caller: str) -> None:

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# cluster/local/: the local cluster's scripts and the `mlflow server` starter the session fixture shares
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster" / "local"))
+# Hermetic: a developer's shell that sourced a cluster's env file must not send tests to that cluster's
+# storage root or tracking server.
+for _var in ("HEYGEN_RAY_STORAGE", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_var, None)
 
 # Only inside tests: no token file in ~/.ray, no usage stats, no duplicated worker prints.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -13,7 +22,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # workers have; the suite runs ~50 of them. Set before Ray starts: its processes inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-import pytest
+import pytest  # noqa: E402  (after the environment above, which Ray must see)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,6 +1,7 @@
-"""A local multi-process Ray cluster on this machine: a head node plus one worker node, token auth on.
+"""A local multi-process Ray cluster on this machine: a head node plus one worker node, token auth on,
+and an `mlflow server` beside it.
 
-    python cluster/local/local_cluster.py start [--dir DIR] [--worker-cpus 4] [--object-store-mb 512]
+    python cluster/local/local_cluster.py start [--dir DIR] [--storage STORAGE] [--worker-cpus 4] [--object-store-mb 512]
     python cluster/local/local_cluster.py stop  [--dir DIR]
     python cluster/local/local_cluster.py status [--dir DIR]
 
@@ -11,6 +12,12 @@ Ray's temp dirs (DIR/ray-head, DIR/ray-worker: logs, sockets, job working dirs),
 does not use or write ~/.ray/auth_token), `env` (a file to `source` before `ray job submit`) and
 `cluster.json` (the ports and the processes started). Every port is a free one picked at start, so the
 cluster runs beside any other Ray on the machine.
+
+What jobs write goes to the storage root STORAGE (default $HEYGEN_RAY_STORAGE, else this checkout), never
+to the job's temporary copy of the code: every Ray process, and so every submitted job, gets
+HEYGEN_RAY_STORAGE (relative run and data paths resolve under it) and MLFLOW_TRACKING_URI, the
+tracking server started here (sqlite database and proxied artifacts in STORAGE/runs/mlflow-server/).
+The `env` file exports both too, so scripts and `mlflow` commands in a shell that sourced it see the same.
 
 The head runs with 0 CPUs, as on Kubernetes (cluster/kuberay/): tasks, actors and Train workers go to the
 worker node. `stop` ends only this cluster's processes: those recorded at start (checked against their
@@ -125,6 +132,10 @@ def ray_env(root: Path) -> Dict[str, str]:
     return env
 
 
+def default_storage() -> Path:
+    return Path(os.environ.get("HEYGEN_RAY_STORAGE") or REPO)
+
+
 def _run(cmd: List[str], env: Dict[str, str], log) -> None:
     log.write(("$ " + " ".join(cmd) + "\n").encode())
     log.flush()
@@ -133,7 +144,7 @@ def _run(cmd: List[str], env: Dict[str, str], log) -> None:
         raise RuntimeError(f"`{' '.join(cmd[:3])} ...` exited with {r.returncode}")
 
 
-def start(root: Path, worker_cpus: int, object_store_mb: int) -> dict:
+def start(root: Path, worker_cpus: int, object_store_mb: int, storage: Path) -> dict:
     state_path = root / "cluster.json"
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -148,11 +159,21 @@ def start(root: Path, worker_cpus: int, object_store_mb: int) -> dict:
     os.chmod(token, 0o600)
     gcs, dash, client, agent_head, agent_worker = free_ports(5)
     env = ray_env(root)
+    storage.mkdir(parents=True, exist_ok=True)
+    # the tracking server first: every Ray process (and so every job) is started knowing its URI
+    from mlflow_server import start_mlflow_server
+
+    try:
+        server, tracking_uri = start_mlflow_server(storage / "runs" / "mlflow-server", log_path=root / "mlflow.log", env=env)
+    except RuntimeError as err:
+        raise SystemExit(f"the MLflow tracking server did not start: {err}")
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, HEYGEN_RAY_STORAGE=str(storage))
     ray = str(Path(sys.executable).with_name("ray"))
     store = str(object_store_mb * 1024 * 1024)
     common = ["--object-store-memory", store, "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     state = {"dir": str(root), "gcs_address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}",
-             "client": f"ray://127.0.0.1:{client}", "worker_cpus": worker_cpus, "pids": {}}
+             "client": f"ray://127.0.0.1:{client}", "worker_cpus": worker_cpus, "storage": str(storage),
+             "mlflow": tracking_uri, "mlflow_pid": server.pid, "pids": {}}
     log_path = root / "start.log"
     with open(log_path, "ab") as log:
         try:
@@ -167,17 +188,20 @@ def start(root: Path, worker_cpus: int, object_store_mb: int) -> dict:
                   "--temp-dir", str(root / "ray-worker"), *common], env, log)
         except Exception as err:
             # record what did start, so stop.sh can end it
-            state["pids"] = {str(p): start_time(p) for p in cluster_pids(root, {})}
+            state["pids"] = {str(p): start_time(p) for p in cluster_pids(root, {str(server.pid): start_time(server.pid)})}
             state_path.write_text(json.dumps(state, indent=2))
             raise SystemExit(f"{err}; see {log_path}. Clean up with cluster/local/stop.sh")
-    state["pids"] = {str(p): start_time(p) for p in sorted(cluster_pids(root, {}))}
+    state["pids"] = {str(p): start_time(p) for p in sorted(cluster_pids(root, {str(server.pid): start_time(server.pid)}))}
     state_path.write_text(json.dumps(state, indent=2))
     (root / "env").write_text(
         "# source this file, then: ray job submit -- python jobs/...\n"
         "# (RAY_API_SERVER_ADDRESS, not RAY_ADDRESS: an http RAY_ADDRESS would also redirect a local ray.init())\n"
         f"export RAY_API_SERVER_ADDRESS={state['dashboard']}\n"
         "export RAY_AUTH_MODE=token\n"
-        f"export RAY_AUTH_TOKEN_PATH={token}\n")
+        f"export RAY_AUTH_TOKEN_PATH={token}\n"
+        "# where jobs write (runs, checkpoints, data) and the tracking server they log to\n"
+        f"export HEYGEN_RAY_STORAGE={storage}\n"
+        f"export MLFLOW_TRACKING_URI={tracking_uri}\n")
     return state
 
 
@@ -224,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["start", "stop", "status"])
     ap.add_argument("--dir", type=Path, default=default_dir(), help="the cluster's own directory (default %(default)s)")
+    ap.add_argument("--storage", type=Path, default=default_storage(),
+                    help="the storage root jobs write under, and the tracking server's store (default %(default)s)")
     ap.add_argument("--worker-cpus", type=int, default=int(os.environ.get("HEYGEN_RAY_WORKER_CPUS", 4)),
                     help="logical CPUs of the worker node (default 4; Train/Tune/Data tasks need them)")
     ap.add_argument("--object-store-mb", type=int, default=int(os.environ.get("HEYGEN_RAY_OBJECT_STORE_MB", 512)),
@@ -234,10 +260,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = args.dir.resolve()
     if args.command == "start":
         t0 = time.monotonic()
-        state = start(root, args.worker_cpus, args.object_store_mb)
+        state = start(root, args.worker_cpus, args.object_store_mb, args.storage.resolve())
         print(f"local Ray cluster up in {time.monotonic() - t0:.1f} s: head (0 CPUs) + 1 worker node "
               f"({args.worker_cpus:g} CPUs), {len(state['pids'])} processes, token auth on")
         print(f"  dashboard {state['dashboard']}   GCS {state['gcs_address']}   dir {root}")
+        print(f"  MLflow    {state['mlflow']}   storage {state['storage']} (jobs write here)")
         print(f"  source {root / 'env'} && ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml "
               f"-- python jobs/train.py --config configs/train/video_classification.yaml --smoke-test")
     elif args.command == "stop":

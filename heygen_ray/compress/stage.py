@@ -134,7 +134,12 @@ def run_compression(spec: CompressSpec) -> CompressResult:
 
 
 def _resolved(spec: CompressSpec) -> CompressSpec:
-    """The spec with an absolute run_dir (Ray workers do not share the driver's working directory)."""
+    """The spec with an absolute run_dir (Ray workers do not share the driver's working directory),
+    under the spec's ``storage`` root when it sets one."""
+    from heygen_ray import runtime
+
+    if spec.storage:
+        runtime.use_storage(spec.storage)
     d = spec.to_dict()
     d["run_dir"] = fsutil.absolute(d["run_dir"])
     return CompressSpec.from_dict(d)

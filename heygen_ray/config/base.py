@@ -32,6 +32,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported before anything runs. The message names where and what."""
 
 
+def storage_field() -> Any:
+    """The ``storage`` field of the stage specs a job loads: where everything the job writes goes."""
+    return Field(default=None, description="the storage root (a local or shared directory) that relative run, output "
+                 "and data paths resolve under; default $HEYGEN_RAY_STORAGE, else the current directory")
+
+
 class Spec(BaseModel):
     """Base of every stage spec: strict, closed, dumpable."""
 

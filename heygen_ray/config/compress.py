@@ -6,7 +6,7 @@ from typing import Dict, List, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from heygen_ray.config.base import Spec, TrackingSpec
+from heygen_ray.config.base import Spec, TrackingSpec, storage_field
 from heygen_ray.config.train import TrainSpec
 
 
@@ -93,6 +93,7 @@ class CompressSpec(Spec):
     gate: GateSpec = Field(default_factory=GateSpec)
     registered_model_name: Optional[str] = Field(default=None, description="register every variant as a version of this")
     run_dir: str = "runs"
+    storage: Optional[str] = storage_field()
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")

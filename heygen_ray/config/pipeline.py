@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from heygen_ray.config.base import RaySpec, Spec, TrackingSpec
+from heygen_ray.config.base import RaySpec, Spec, TrackingSpec, storage_field
 from heygen_ray.config.data import DataSpec
 
 PIPELINE_STAGES = ("data", "train", "tune", "compress", "evaluate", "serve")
@@ -79,6 +79,7 @@ class PipelineSpec(Spec):
     name: str = Field(default="quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
     stages: List[Literal["data", "train", "tune", "compress", "evaluate", "serve"]] = Field(default_factory=lambda: ["data"], min_length=1)
     output_dir: str = "runs/quickstart"
+    storage: Optional[str] = storage_field()
     data: DataSpec = Field(default_factory=DataSpec)
     train: Dict[str, PipelineTrainSpec] = Field(default_factory=dict, description="entry name -> training stage")
     tune: Optional[StageRefSpec] = None

@@ -7,7 +7,7 @@ from typing import Any, Dict, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from heygen_ray.config.base import Spec, TrackingSpec
+from heygen_ray.config.base import Spec, TrackingSpec, storage_field
 from heygen_ray.config.data import DataSpec
 
 
@@ -164,6 +164,7 @@ class TrainSpec(Spec):
     fault: Optional[FaultSpec] = None
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     run_dir: str = Field(default="runs", description="checkpoints, results.json and the default MLflow store")
+    storage: Optional[str] = storage_field()
     peak_flops: Optional[float] = Field(default=None, gt=0.0, description="FLOP/s for MFU; default: measured matmul peak")
     seed: int = 0
     hold_train_shard_mb: float = Field(

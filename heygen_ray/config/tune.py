@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from heygen_ray.config.base import RaySpec, Spec, TrackingSpec
+from heygen_ray.config.base import RaySpec, Spec, TrackingSpec, storage_field
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -110,6 +110,7 @@ class SweepSpec(Spec):
     max_failures: int = Field(default=1, ge=0, description="Tune-level retries of a failed trial; a retry "
                               "resumes from the trial's last Train checkpoint")
     run_dir: str = Field(default="runs/sweeps", description="<run_dir>/<name>/: trials, results.json, best config")
+    storage: Optional[str] = storage_field()
     tracking: TrackingSpec = Field(default_factory=lambda: TrackingSpec(experiment="heygen_ray_sweeps"))
     ray: RaySpec = Field(default_factory=RaySpec)
 

@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from heygen_ray import fsutil
 from heygen_ray.config import SERVE_ENDPOINTS, ServeEndpointSpec, ServeSpec, load_spec
 from heygen_ray.serve.deployments import (
     COORDINATOR_NAMESPACE,
@@ -281,7 +282,7 @@ def app_from_spec(spec: ServeSpec):
     tracking_uri = resolve_tracking_uri(spec)
     root = spec.allowed_uri_root
     if root is not None and "://" not in root and not os.path.isabs(root):  # replicas run elsewhere: absolute
-        spec = ServeSpec.from_dict(dict(spec.to_dict(), allowed_uri_root=os.path.abspath(root)))
+        spec = ServeSpec.from_dict(dict(spec.to_dict(), allowed_uri_root=fsutil.absolute(root)))
     handles = {}
     for e in spec.enabled():
         cfg = getattr(spec, e)

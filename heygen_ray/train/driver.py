@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def absolutize(spec: TrainSpec) -> TrainSpec:
-    """Local relative paths -> absolute (Train workers chdir into their own run folders)."""
+    """Local relative paths -> absolute (Train workers chdir into their own run folders), under the
+    spec's ``storage`` root when it sets one (else $HEYGEN_RAY_STORAGE, else the current directory)."""
+    from heygen_ray import runtime
+
+    if spec.storage:
+        runtime.use_storage(spec.storage)
     d = spec.to_dict()
     d["run_dir"] = fsutil.absolute(d["run_dir"])
     data = d["data"]
@@ -265,8 +270,8 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
                                 has_val="val" in datasets, peak_flops=peak, extra=extra_config,
                                 train_materialized=isinstance(datasets["train"], MaterializedDataset))
 
-    mlflow_run_id = track.start_training_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict(),
-                                             run_id=mlflow_run_id)
+    mlflow_run_id = track.continue_or_start_run(spec.tracking.to_dict(), run_dir, run_name=spec.name, spec=spec.to_dict(),
+                                                run_id=mlflow_run_id)
     worker = worker.model_copy(update={"mlflow_run_id": mlflow_run_id})
     t0 = time.perf_counter()
     trainer = TorchTrainer(

@@ -8,9 +8,18 @@ ranks, and everything when tracking is disabled, get a `NullTracker`: call sites
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Any, Dict, Optional
 
 from heygen_ray import tracking as t
+
+log = logging.getLogger(__name__)
+
+# <run_dir>/<name>/mlflow_run.json: the run a job of this name logs to, so that the same job submitted
+# again (after `ray job stop`, a crash, or with edited code) resumes its checkpoint *and* its MLflow run
+RUN_RECORD = "mlflow_run.json"
 
 
 def resolved_uri(tracking: Dict[str, Any], run_dir: str) -> Optional[str]:
@@ -28,9 +37,52 @@ def start_training_run(tracking: Dict[str, Any], run_dir: str, *, run_name: str,
     tr.start()
     if run_id is not None:
         tr.reopen()
-    tr.log_params(spec)
+    try:
+        tr.log_params(spec)
+    except Exception as err:  # noqa: BLE001 - MLflow refuses to change a logged param: a resumed job's edited spec
+        if run_id is None:
+            raise
+        log.warning("run %s continues with a changed spec (%s); its params keep the first values", run_id, err)
+        tr.set_tags({"heygen_ray.spec_changed_on_resume": "true"})
     tr.log_dict(spec, "config/spec.json")
     return tr.run_id
+
+
+def previous_run(run_dir: str, tracking_uri: Optional[str]) -> Optional[str]:
+    """The MLflow run an earlier job of this run folder opened on the same tracking store, or None."""
+    try:
+        with open(os.path.join(run_dir, RUN_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record.get("run_id") if tracking_uri and record.get("tracking_uri") == tracking_uri else None
+
+
+def record_run(run_dir: str, tracking_uri: Optional[str], run_id: Optional[str]) -> None:
+    if run_id is None:
+        return
+    with open(os.path.join(run_dir, RUN_RECORD), "w") as f:
+        json.dump({"tracking_uri": tracking_uri, "run_id": run_id}, f)
+
+
+def continue_or_start_run(tracking: Dict[str, Any], run_dir: str, *, run_name: str, spec: Dict[str, Any],
+                          run_id: Optional[str] = None) -> Optional[str]:
+    """``run_id`` when given (a retried trial, a resumed pipeline stage); else the run this folder's
+    previous job recorded, reopened, when the store still has it; else a new run. The id is recorded
+    for the next submission."""
+    uri = resolved_uri(tracking, run_dir)
+    earlier = run_id or previous_run(run_dir, uri)
+    try:
+        rid = start_training_run(tracking, run_dir, run_name=run_name, spec=spec, run_id=earlier)
+    except Exception as err:  # noqa: BLE001 - the recorded run is gone (a new store): open a new one
+        if run_id is not None or earlier is None:
+            raise
+        log.warning("MLflow run %s recorded in %s is not in %s (%s); starting a new run", earlier, run_dir, uri, err)
+        rid = start_training_run(tracking, run_dir, run_name=run_name, spec=spec)
+    if earlier is not None and rid == earlier and run_id is None:
+        log.warning("continuing MLflow run %s of the earlier job %r", rid, run_name)
+    record_run(run_dir, uri, rid)
+    return rid
 
 
 def attach(tracking: Dict[str, Any], run_dir: str, *, rank: int, run_id: Optional[str]):

@@ -68,7 +68,12 @@ def stage_for(name: str) -> Stage:
 
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
-    """Validate the sweep against its stage's spec (paths, sample types, metric, scheduler): no Ray."""
+    """Validate the sweep against its stage's spec (paths, sample types, metric, scheduler): no Ray.
+    The spec's ``storage`` (when set) becomes the storage root its folders resolve under."""
+    from heygen_ray import runtime
+
+    if spec.storage:
+        runtime.use_storage(spec.storage)
     return stage_for(spec.stage).plan(spec)
 
 

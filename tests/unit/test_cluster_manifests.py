@@ -307,9 +307,12 @@ def test_every_ray_pod_reaches_the_shared_storage_and_the_mlflow_server():
             for pod, container in ray_containers(cspec):
                 env = {e["name"]: e.get("value") for e in container.get("env", [])}
                 assert env["MLFLOW_TRACKING_URI"] == f"http://{svc['metadata']['name']}:{port}", path
+                # the storage root: a submitted job's relative runs/ and data/ land on the shared volume,
+                # not in its temporary copy of the code
+                storage = env["HEYGEN_RAY_STORAGE"]
                 volumes = {v["name"]: v for v in pod["volumes"]}
                 mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-                for target in ("/app/runs", "/app/data"):  # the shipped configs' runs/ and data/, from /app
+                for target in (f"{storage}/runs", f"{storage}/data"):  # the shipped configs' runs/ and data/
                     claim = volumes[mounts[target]["name"]]["persistentVolumeClaim"]["claimName"]
                     assert claim == "heygen-ray-shared" and claim in pvcs, (path, target)
                 assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values())
@@ -491,3 +494,11 @@ def test_ray_up_keeps_token_auth_on_and_installs_the_project():
     assert cfg["file_mounts"]["/home/ray/heygen_ray"] == "."
     assert any(re.search(r"pip install .*-e /home/ray/heygen_ray$", c) for c in cfg["setup_commands"])
     assert ".venv" in cfg["rsync_exclude"]
+
+
+def test_ray_up_gives_every_node_the_storage_root_and_the_tracking_server():
+    cfg = yaml.safe_load((CLUSTER / "launcher/aws.yaml").read_text())
+    env = dict(opt.split()[1].split("=", 1) for opt in cfg["docker"]["run_options"] if opt.startswith("--env "))
+    assert env["MLFLOW_TRACKING_URI"].startswith("http")
+    # the storage root is where the project and its shared runs/ and data/ are mounted on every node
+    assert env["HEYGEN_RAY_STORAGE"] == "/home/ray/heygen_ray" and env["HEYGEN_RAY_STORAGE"] in cfg["file_mounts"]

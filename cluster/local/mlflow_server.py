@@ -1,12 +1,11 @@
-"""A real `mlflow server` for tests: sqlite backend + proxied artifacts in a temp dir, on a free port.
+"""A real `mlflow server`: sqlite backend + proxied artifacts under one folder, on a free port.
 
-    with running_mlflow_server(tmp_dir) as uri:   # "http://127.0.0.1:<port>"
+    proc, uri = start_mlflow_server(folder)            # the local cluster's (local_cluster.py): long-lived
+    with running_mlflow_server(tmp_dir) as uri:        # the test session's (tests/conftest.py)
         ...
 
-The session fixture `mlflow_server` (tests/conftest.py) starts one for the whole test run.
-
-The server runs in its own process group (uvicorn spawns workers), which teardown terminates as a
-whole (SIGTERM, then SIGKILL after a grace period). Startup is bounded; on failure the error carries
+The server runs in its own process group (uvicorn spawns workers), which `stop_mlflow_server` terminates
+as a whole (SIGTERM, then SIGKILL after a grace period). Startup is bounded; on failure the error carries
 the server's log.
 """
 
@@ -22,7 +21,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator, Optional, Tuple
 
 STARTUP_TIMEOUT_S = 180.0  # a loaded 2-core machine took over 60 s (uvicorn start after the DB migration)
 
@@ -38,7 +37,7 @@ def _mlflow_cli() -> str:
     return str(Path(sys.executable).with_name("mlflow"))
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_mlflow_server(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     if proc.poll() is not None:
         return
     try:
@@ -55,24 +54,26 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=grace_s)
 
 
-@contextmanager
-def running_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
-    """Start `mlflow server` with its state under `root`; yield its URI; stop it (and its children)."""
+def start_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S, log_path: Optional[Path] = None,
+                        env: Optional[Dict[str, str]] = None) -> Tuple[subprocess.Popen, str]:
+    """Start `mlflow server` with its database (root/mlflow.db) and artifacts (root/artifacts) under
+    `root`, wait until /health answers; (process, "http://127.0.0.1:<port>")."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = root / "server.log"
+    log_path = log_path or root / "server.log"
     cmd = [
         _mlflow_cli(), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1",
         # the default allowed hosts already include localhost/127.0.0.1 on any port; explicit here
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the server's own config only
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+    base = env if env is not None else os.environ
+    server_env = {k: v for k, v in base.items() if not k.startswith("MLFLOW_")}  # the server's own config only
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=server_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -83,12 +84,22 @@ def running_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> I
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return proc, uri
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.25)
+    except BaseException:
+        stop_mlflow_server(proc)
+        raise
+
+
+@contextmanager
+def running_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """Start `mlflow server` with its state under `root`; yield its URI; stop it (and its children)."""
+    proc, uri = start_mlflow_server(root, timeout_s)
+    try:
         yield uri
     finally:
-        _stop(proc)
+        stop_mlflow_server(proc)
