@@ -61,6 +61,7 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
     import torch
 
     from heygen_ray.config import TrainSpec
+    from heygen_ray.data.text import recorded_tokenizer_dir
     from heygen_ray.tracking import load_model_and_config, load_model_config, recorded, recorded_data_info, resolve_model_uri
     from heygen_ray.train.precision import amp_dtype
     from heygen_ray.train.prepare import load_judge, task_for
@@ -88,6 +89,7 @@ def evaluate_model(model_uri: str, data: DataSpec, *, split: Optional[str] = "te
         raise ConfigError(f"--model: {model_uri} records no task (was it logged by heygen-ray training?)")
     trained_on = recorded_data_info(cfg, tracking_uri=tracking_uri)
     info = DataInfo(**{k: v for k, v in trained_on.items() if k in DataInfo.__dataclass_fields__})
+    info.tokenizer_dir = recorded_tokenizer_dir(trained_on)  # the model's own tokenizer, embedded in it
     if task_name in ("text_to_video", "video_text_matching") and not (info.tokenizer_dir and fsutil.exists(
             fsutil.join(info.tokenizer_dir, "tokenizer.json"))):
         info.tokenizer_dir = fsutil.absolute(data.text.tokenizer_dir or "")  # the model's own is gone: the data's

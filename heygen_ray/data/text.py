@@ -19,8 +19,9 @@ import functools
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -105,6 +106,16 @@ class TextTokenizer:
             raise ConfigError(f"text.tokenizer_dir: no tokenizer.json in {directory}")
         return cls(Tokenizer.from_str(fsutil.read_bytes(path).decode()))
 
+    @classmethod
+    def from_json(cls, text: str) -> "TextTokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        """The whole tokenizer as the text of its tokenizer.json (what a logged model embeds)."""
+        return self.tok.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
@@ -117,6 +128,25 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def recorded_tokenizer_dir(data_info: Mapping[str, Any]) -> Optional[str]:
+    """The tokenizer folder for a model's recorded ``data_info``: its embedded tokenizer
+    (``tokenizer_json``, what training logs with the model) written once per content into this host's
+    cache, so a replica or an evaluation on any node loads it from the registry alone; else the
+    recorded ``tokenizer_dir`` (models logged before the tokenizer was embedded); else None."""
+    import hashlib
+
+    from heygen_ray.hostcache import cache_root
+
+    text = data_info.get("tokenizer_json")
+    if not text:
+        return data_info.get("tokenizer_dir") or None
+    folder = os.path.join(cache_root(), "tokenizers", hashlib.sha256(text.encode()).hexdigest()[:16])
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        fsutil.write_bytes(path, text.encode())
+    return folder
 
 
 def ensure_tokenizer(spec: TextDataSpec) -> Tuple[TextTokenizer, bool]:

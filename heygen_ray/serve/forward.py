@@ -38,11 +38,11 @@ class Prep:
             self.clip_frames, self.height, self.width = (int(d) for d in dims)
         self.tokenizer = None
         if task in ("generate", "complete", "match"):
-            from heygen_ray.data.text import TextTokenizer
+            from heygen_ray.data.text import TextTokenizer, recorded_tokenizer_dir
 
-            tok_dir = pp.tokenizer_dir or di.get("tokenizer_dir")
+            tok_dir = pp.tokenizer_dir or recorded_tokenizer_dir(di)
             if not tok_dir:
-                raise ValueError(f"{info.get('uri')}: no tokenizer (model.json has no data_info.tokenizer_dir; "
+                raise ValueError(f"{info.get('uri')}: no tokenizer (model.json has no data_info.tokenizer_json; "
                                  f"set {task}.preprocess.tokenizer_dir)")
             self.tokenizer = TextTokenizer.load(tok_dir)
         max_len = getattr(arch, "max_sequence_length", None)

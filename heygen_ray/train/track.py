@@ -99,13 +99,20 @@ def end_run(tracking: Dict[str, Any], run_dir: str, run_id: Optional[str], statu
 def log_final_model(tracker, model, *, spec, info, task, overrides: Dict[str, Any],
                     precision: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Log (and register, when a name is configured) the final model; returns its URI and version
-    (None on a NullTracker)."""
+    (None on a NullTracker). What the model needs to run elsewhere travels in its model.json: the
+    label names, clip shape and text settings (``data_info``) and the tokenizer itself
+    (``data_info.tokenizer_json``), so a replica on another node needs the registry alone."""
+    data_info = info.to_dict()
+    if info.tokenizer_dir and tracker.enabled:
+        from heygen_ray.data.text import TextTokenizer
+
+        data_info["tokenizer_json"] = TextTokenizer.load(info.tokenizer_dir).to_json()
     logged = t.log_model(
         tracker, model, model_name=spec.model.name, model_overrides=overrides,
         registered_model_name=spec.tracking.registered_model_name,
         input_example=task.inputs(task.example_batch(info, 1))[0],
         extra={"task": spec.task, "precision": precision or spec.precision, "variant": "ema" if spec.ema.enabled else "raw",
-               "data_info": info.to_dict()},
+               "data_info": data_info},
     )
     if logged is None:
         return None

@@ -151,3 +151,17 @@ def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(loc
     assert res["metrics"]["val_perplexity"] < 1024 and "->" in res["samples"]  # it learned; a prompt and its continuation
     version = client.get_model_version("text_decoder", res["model_version"])
     assert version.run_id == run.info.run_id
+
+    # 4. the registered model carries what it needs: with its run folder and the data (tokenizer
+    # included) deleted, it loads from the registry alone, as a Serve replica on another node would
+    from heygen_ray.config import ServeEndpointSpec
+    from heygen_ray.serve.forward import Prep
+    from heygen_ray.serve.loader import load_variant
+
+    shutil.rmtree(run_dir)
+    shutil.rmtree(store / "data")
+    model, info = load_variant(f"models:/text_decoder/{res['model_version']}", tracking_uri=tracking_uri)
+    assert not os.path.exists(info["data_info"]["tokenizer_dir"])  # the folder training read it from is gone
+    prep = Prep(info, ServeEndpointSpec(), "complete")
+    assert prep.tokenizer.vocab_size == info["data_info"]["vocab_size"] and model is not None
+    assert prep.tokenizer.decode(prep.tokenizer.encode("a red circle moves left")) == "a red circle moves left"

@@ -64,3 +64,19 @@ def test_corpus_errors_name_the_line(tmp_path):
         list(iter_corpus(str(p)))
     with pytest.raises(ConfigError, match="not found"):
         list(iter_corpus(str(tmp_path / "missing.jsonl")))
+
+
+def test_an_embedded_tokenizer_is_loaded_without_its_folder(tokenizer, tmp_path, monkeypatch):
+    """What a logged model records (data_info.tokenizer_json) is enough: it is written once per content
+    into the host cache and loads identically; without it, the recorded folder; without both, None."""
+    from heygen_ray.data.text import recorded_tokenizer_dir
+
+    monkeypatch.setenv("HEYGEN_RAY_CACHE", str(tmp_path / "cache"))
+    text = tokenizer.to_json()
+    folder = recorded_tokenizer_dir({"tokenizer_json": text, "tokenizer_dir": str(tmp_path / "gone")})
+    assert folder.startswith(str(tmp_path / "cache")) and recorded_tokenizer_dir({"tokenizer_json": text}) == folder
+    again = TextTokenizer.load(folder)
+    sample = "a red circle moves left, then a blue square"
+    assert again.encode(sample) == tokenizer.encode(sample) and again.vocab_size == tokenizer.vocab_size
+    assert recorded_tokenizer_dir({"tokenizer_dir": "/old/tok"}) == "/old/tok"
+    assert recorded_tokenizer_dir({}) is None
