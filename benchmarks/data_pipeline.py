@@ -9,6 +9,12 @@ Goal: ray_rate >= 0.8 x cores x single_process_rate. Results: benchmarks/results
 Also, side by side: whole passes over a small split (``--small-clips``, a validation split's size) in
 plain Ray tasks and in an actor pool, the two ways the pipeline decodes (``video.task_decode_max_rows``
 picks tasks for small datasets); and the large set in tasks, for the other side of that choice.
+
+And real-sized video (``--hd-minutes``, 0 skips it): one generated 1280x720 H.264 file of 10 minutes,
+a manifest of time windows over it (``--hd-windows`` rows of 2 s, evenly spread), decoded by seeking
+to each window: the single-process rate, the Ray Data whole-pass rate (start-up included) and their
+ratio against cores x single; and the peak RSS of one decoder process reading the file as a stream
+(what the pipeline does) against reading it whole into memory first (what it did before).
 """
 
 from __future__ import annotations
@@ -25,12 +31,114 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# One decoder process: its RSS after the imports, then the clips; prints the peak RSS growth (MB) over
+# that baseline and the clips/s. "bytes" reads each file whole first (what the pipeline did before).
+# (VmHWM of /proc/self/status: getrusage's ru_maxrss keeps the parent's peak across fork + exec.)
+HD_SCRIPT = r"""
+import sys, time
+from heygen_ray.data.decode import decode_clip
+def peak_mb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024.0
+path, mode, windows = sys.argv[1], sys.argv[2], [tuple(map(float, w.split(":"))) for w in sys.argv[3].split(",")]
+decode_clip(path, 16, 112, 112, sampling="uniform", start_s=0.0, end_s=2.0)  # PyAV loaded and warm
+base = peak_mb()
+t0 = time.perf_counter()
+for a, b in windows:
+    src = open(path, "rb").read() if mode == "bytes" else path
+    decode_clip(src, 16, 112, 112, sampling="uniform", start_s=a, end_s=b)
+    del src
+dt = time.perf_counter() - t0
+print(peak_mb() - base, len(windows) / dt)
+"""
+
+
+def write_long_video(path: str, minutes: float, fps: int, width: int = 1280, height: int = 720) -> float:
+    """A `minutes`-long H.264 mp4 at 4 Mbit/s (a camera-like size: ~300 MB for 10 minutes), a keyframe
+    every 2 s, written straight to `path` (never held in memory): moving grain over a gradient, with
+    bars and a square that move. Returns the seconds it took."""
+    import av
+    import numpy as np
+
+    t0 = time.perf_counter()
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255 // width), (yy * 255 // height), ((xx + yy) * 127 // (width + height))], -1).astype(np.int16)
+    grain = np.random.default_rng(0).integers(-24, 24, size=(4, height, width, 3), dtype=np.int16)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = 2 * fps
+        stream.codec_context.thread_count = 0
+        stream.bit_rate = 4_000_000
+        stream.options = {"preset": "ultrafast", "x264-params": "vbv-maxrate=4000:vbv-bufsize=8000"}
+        for t in range(int(minutes * 60 * fps)):
+            frame = np.clip(base + np.roll(grain[t % 4], (5 * t) % width, axis=1), 0, 255).astype(np.uint8)
+            x, y = (37 * t) % (width - 160), (23 * t) % (height - 160)
+            frame[y:y + 160, x:x + 160] = (255 - t % 256, t % 256, 128)
+            frame[:, (11 * t) % width] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return time.perf_counter() - t0
+
+
+def hd_case(args, cores: int, work: str) -> dict:
+    """The real-sized video measurements (see the module docstring)."""
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygen_ray.config import VideoDataSpec
+    from heygen_ray.data.video import VideoPipeline
+
+    path = os.path.join(work, "long_720p.mp4")
+    encode_s = write_long_video(path, args.hd_minutes, args.hd_fps)
+    length = args.hd_minutes * 60
+    starts = [round(i * (length - 2.0) / max(args.hd_windows - 1, 1), 3) for i in range(args.hd_windows)]
+    windows = [(a, a + 2.0) for a in starts]
+    pq.write_table(pa.table({"path": ["long_720p.mp4"] * len(windows), "start": [a for a, _ in windows],
+                             "end": [b for _, b in windows]}), os.path.join(work, "hd.parquet"))
+
+    def child(mode: str) -> tuple:  # (peak RSS MB, clips/s) of one decoder process
+        arg = ",".join(f"{a}:{b}" for a, b in windows)
+        out = subprocess.run([sys.executable, "-c", HD_SCRIPT, path, mode, arg], capture_output=True, text=True, check=True)
+        rss, rate = out.stdout.split()
+        return float(rss), float(rate)
+
+    child("stream")  # warm the page cache
+    rss_stream, single = child("stream")
+    rss_bytes, single_bytes = child("bytes")
+    spec = VideoDataSpec(manifest=os.path.join(work, "hd.parquet"), clip_frames=16, height=112, width=112,
+                         sampling="uniform")
+    passes = []
+    for _ in range(args.epochs):
+        t0 = time.perf_counter()
+        n = sum(len(b["video"]) for b in VideoPipeline.from_spec(spec).dataset(columns=["video"]).iter_batches(
+            batch_size=8, batch_format="numpy"))
+        passes.append(n / (time.perf_counter() - t0))
+        assert n == len(windows), (n, len(windows))
+    whole = sorted(passes)[len(passes) // 2]
+    return {
+        "source": f"1280x720 H.264 at 4 Mbit/s, {args.hd_minutes:g} min at {args.hd_fps} fps (keyframe every 2 s), "
+                  f"{os.path.getsize(path) / 2**20:.1f} MB, encoded in {encode_s:.0f} s",
+        "windows": f"{len(windows)} windows of 2 s -> 16 frames of 112x112",
+        "file_mb": round(os.path.getsize(path) / 2**20, 1),
+        "single_process_clips_per_s": round(single, 2),
+        "single_process_clips_per_s_whole_file_in_memory": round(single_bytes, 2),
+        "peak_rss_growth_mb_decoder_streaming": round(rss_stream, 1),
+        "peak_rss_growth_mb_decoder_whole_file_in_memory": round(rss_bytes, 1),
+        "ray_pipeline_clips_per_s_whole_pass": [round(x, 2) for x in passes],
+        "ray_over_cores_x_single_whole_pass": round(whole / (cores * single), 2),
+    }
+
+
 def summarize(result: dict) -> list:
     """The benchmark's rows for benchmarks/RESULTS.md (see benchmarks/summary.py), from its results dict."""
     cores, single, goal = result["machine"]["cpus"], result["single_process_clips_per_s"], result["goal_ray_over_cores_x_single"]
     anchor = f"{cores} cores x single-process PyAV loop ({single} clips/s per core)"
     steady, whole = result["ray_over_cores_x_single_steady"], result["ray_over_cores_x_single_whole_pass"]
-    return [
+    rows = [
         {"measure": "Ray Data video pipeline clips/s, streaming once the decoders are up", "anchor": anchor,
          "goal": f">= {goal}x", "measured": f"{steady}x ({result['ray_pipeline_clips_per_s_steady_median']} clips/s)",
          "met": steady >= goal},
@@ -44,6 +152,20 @@ def summarize(result: dict) -> list:
          "anchor": "the same set in plain tasks", "goal": ">= 1x",
          "measured": f"{result['large_set_actor_pool_over_tasks']}x", "met": result["large_set_actor_pool_over_tasks"] >= 1},
     ]
+    hd = result.get("hd")
+    if hd:
+        rows += [
+            {"measure": "1280x720 H.264 windows (seek + decode), Ray Data whole pass incl. start-up",
+             "anchor": f"{cores} cores x single-process PyAV ({hd['single_process_clips_per_s']} clips/s per core)",
+             "goal": f">= {goal}x", "measured": f"{hd['ray_over_cores_x_single_whole_pass']}x",
+             "met": hd["ray_over_cores_x_single_whole_pass"] >= goal},
+            {"measure": f"peak RSS growth of one decoder over a {hd['file_mb']} MB 720p file, read as a stream",
+             "anchor": f"reading it whole first: +{hd['peak_rss_growth_mb_decoder_whole_file_in_memory']} MB",
+             "goal": "well below the file's size (bounded whatever its length)",
+             "measured": f"+{hd['peak_rss_growth_mb_decoder_streaming']} MB",
+             "met": hd["peak_rss_growth_mb_decoder_streaming"] < 0.25 * hd["file_mb"]},
+        ]
+    return rows
 
 
 def main() -> int:
@@ -56,6 +178,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3, help="timed passes of the Ray pipeline (the first includes actor start-up)")
     ap.add_argument("--decode-batch-size", type=int, default=8)
     ap.add_argument("--small-clips", type=int, default=48, help="clips of the small split timed in tasks vs actors")
+    ap.add_argument("--hd-minutes", type=float, default=10.0, help="length of the 1280x720 file (0: skip that case)")
+    ap.add_argument("--hd-fps", type=int, default=24)
+    ap.add_argument("--hd-windows", type=int, default=192, help="2 s windows over the 720p file")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.json"))
     args = ap.parse_args()
 
@@ -68,6 +193,7 @@ def main() -> int:
     from heygen_ray.data.synthetic import generate_dataset
     from heygen_ray.data.video import VideoPipeline
     from heygen_ray.runtime import init_ray
+    from heygen_ray.train.precision import cpu_flags
 
     cores = os.cpu_count() or 1
     work = tempfile.mkdtemp(prefix="hr-bench-data-")
@@ -126,7 +252,8 @@ def main() -> int:
     result = {
         "benchmark": "data_pipeline",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": cores, "python": platform.python_version(), "ray": ray.__version__},
+        "machine": {"cpus": cores, "python": platform.python_version(), "ray": ray.__version__,
+                    "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("amx", "avx512", "avx2")))},
         "workload": {"clips": len(paths), "source": f"{args.frames}x{args.size}x{args.size} H.264 mp4",
                      "decoded": f"{T}x{S}x{S}x3 uint8", "mean_file_bytes": gen.total_bytes // len(paths),
                      "decode_batch_size": args.decode_batch_size},
@@ -150,6 +277,8 @@ def main() -> int:
                 "actor pool every time a dataset is executed, i.e. every epoch); 'after first batch' is the "
                 "streaming rate once they are up",
     }
+    if args.hd_minutes > 0:
+        result["hd"] = hd_case(args, cores, tempfile.mkdtemp(prefix="hr-bench-hd-"))
     result["summary"] = summarize(result)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -275,6 +275,8 @@ def train(
     if results.model_uri:
         console.print(f"model: {results.model_uri} (registered {results.registered_model_name} v{results.model_version})")
     console.print(f"checkpoint: {results.checkpoint_uri}")
+    if results.extra.get("tracking_not_logged"):
+        console.print(f"[yellow]not logged to MLflow[/] (the tracking server was unreachable): {results.extra['tracking_not_logged']}")
     console.print(f"results: {results.results_path}")
 
 

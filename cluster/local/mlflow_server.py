@@ -55,11 +55,11 @@ def stop_mlflow_server(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def start_mlflow_server(root: Path, timeout_s: float = STARTUP_TIMEOUT_S, log_path: Optional[Path] = None,
-                        env: Optional[Dict[str, str]] = None) -> Tuple[subprocess.Popen, str]:
+                        env: Optional[Dict[str, str]] = None, port: Optional[int] = None) -> Tuple[subprocess.Popen, str]:
     """Start `mlflow server` with its database (root/mlflow.db) and artifacts (root/artifacts) under
-    `root`, wait until /health answers; (process, "http://127.0.0.1:<port>")."""
+    `root` (on `port`, default a free one), wait until /health answers; (process, "http://127.0.0.1:<port>")."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log_path = log_path or root / "server.log"
     cmd = [
         _mlflow_cli(), "server",

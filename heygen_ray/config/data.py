@@ -99,6 +99,9 @@ class ManifestColumnsSpec(Spec):
     label: Optional[str] = "label"
     caption: Optional[str] = "caption"
     split: Optional[str] = "split"
+    start: Optional[str] = Field(default="start", description="a row's window start in seconds (optional column)")
+    end: Optional[str] = Field(default="end", description="a row's window end in seconds (optional column; "
+                               "empty: to the end of the video)")
 
 
 class VideoDataSpec(Spec):
@@ -116,6 +119,9 @@ class VideoDataSpec(Spec):
         default="auto", description="auto: random segment offsets for train, uniform otherwise"
     )
     short_clips: Literal["pad", "drop"] = Field(default="pad", description="clips with fewer than clip_frames frames")
+    clips_per_video: int = Field(
+        default=1, ge=1, le=4096, description="clips cut from each row: its window (or the whole video) in this many "
+        "equal consecutive windows, each decoded by seeking to it (long videos); 1: one clip per row")
     resize: Literal["squash", "center_crop"] = "squash"
     decode_threads: int = Field(default=1, ge=0, le=16, description="PyAV threads per decoder (0 = auto)")
     decode_batch_size: int = Field(default=16, ge=1)
@@ -135,8 +141,8 @@ class VideoDataSpec(Spec):
     seed: int = 0
 
     def decoded_mb(self, rows: int) -> float:
-        """The size of ``rows`` decoded clips (uint8 T x H x W x 3) in MB."""
-        return rows * self.clip_frames * self.height * self.width * 3 / 2**20
+        """The size of the clips ``rows`` manifest rows decode to (uint8 T x H x W x 3) in MB."""
+        return rows * self.clips_per_video * self.clip_frames * self.height * self.width * 3 / 2**20
 
     def cache_split(self, split: str, rows: int) -> bool:
         """Whether training materialises ``split``: the train split when ``cache`` is on; the

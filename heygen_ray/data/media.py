@@ -4,14 +4,15 @@ the side-by-side grid used for generated-vs-real samples and a strip of its fram
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 
-def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1, preset: str = "medium") -> bytes:
+def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1, preset: str = "medium",
+               gop: Optional[int] = None) -> bytes:
     """uint8 (T, H, W, 3) -> H.264 (libx264, yuv420p) mp4 bytes. Deterministic for the same input.
-    H and W must be even (yuv420p)."""
+    H and W must be even (yuv420p). ``gop``: a keyframe every this many frames (default: libx264's)."""
     import av
 
     T, H, W, _ = frames.shape
@@ -22,6 +23,8 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, threads: int = 1, pr
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.codec_context.thread_count = threads
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         # mbtree=0: with macroblock-tree rate control this libx264 build gave different bytes for the
         # same frames from one run to the next (measured); without it the output is bit-exact.
         stream.options = {"crf": str(crf), "preset": preset, "tune": "animation", "x264-params": "mbtree=0"}

@@ -1,4 +1,5 @@
-"""The Ray Data video pipeline: manifest -> PyAV decode (one row per clip) -> uint8 (T, H, W, 3).
+"""The Ray Data video pipeline: manifest -> PyAV decode (one row per clip; a row's time window, or
+``clips_per_video`` windows of it, for long videos) -> uint8 (T, H, W, 3).
 
 The manifest (parquet, CSV or JSONL; a local path or any pyarrow URI) is read in the driver, checked,
 and turned into a dataset of rows; :class:`ClipDecoder` decodes each file with the pure functions in
@@ -68,18 +69,21 @@ def read_manifest(uri: str, spec: VideoDataSpec) -> "pyarrow.Table":  # noqa: F8
 
     cols = spec.columns
     present = table.column_names
-    wanted = {"path": cols.path, "label": cols.label, "caption": cols.caption, "split": cols.split}
+    wanted = {"path": cols.path, "label": cols.label, "caption": cols.caption, "split": cols.split,
+              "start": cols.start, "end": cols.end}
     if cols.path not in present:
         raise ConfigError(f"video.manifest: {uri}: no column {cols.path!r} (video.columns.path); columns: {present}")
     out: Dict[str, Any] = {}
     base = fsutil.parent(uri)
     out["path"] = pa.array([fsutil.join(base, str(p)) for p in table.column(cols.path).to_pylist()], pa.string())
-    for key in ("label", "caption", "split"):
+    for key in ("label", "caption", "split", "start", "end"):
         name = wanted[key]
         if name is None or name not in present:
             continue
         col = table.column(name)
-        if key == "label":
+        if key in ("start", "end"):
+            out[key] = _window_column(uri, name, key, col, out)
+        elif key == "label":
             if not pa.types.is_integer(col.type):
                 raise ConfigError(f"video.manifest: {uri}: column {name!r} (video.columns.label) must hold integers, got {col.type}")
             out["label"] = col.cast(pa.int64())
@@ -88,6 +92,31 @@ def read_manifest(uri: str, spec: VideoDataSpec) -> "pyarrow.Table":  # noqa: F8
     out["row_id"] = pa.array(np.arange(table.num_rows, dtype=np.int64))
     result = pa.table(out)
     return result.replace_schema_metadata(table.schema.metadata)
+
+
+def _window_column(uri: str, name: str, key: str, col: Any, out: Dict[str, Any]) -> Any:
+    """A window bound column as float64 seconds (null: no bound); a negative start, or an end not
+    after its start, fails naming the row."""
+    import pyarrow as pa
+
+    try:
+        values = col.cast(pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise ConfigError(f"video.manifest: {uri}: column {name!r} (video.columns.{key}) must hold seconds, got {col.type}") from None
+    v = values.to_numpy(zero_copy_only=False)
+    if key == "start":
+        bad = np.flatnonzero(v < 0)
+        if bad.size:
+            raise ConfigError(f"video.manifest: {uri}: row {int(bad[0])} ({out['path'][int(bad[0])]}): "
+                              f"{name} = {v[bad[0]]} s is negative")
+    elif "start" in out:
+        start = out["start"].to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(v <= np.nan_to_num(start, nan=0.0))
+        if bad.size:
+            i = int(bad[0])
+            raise ConfigError(f"video.manifest: {uri}: row {i} ({out['path'][i]}): the window ends at {v[i]} s, "
+                              f"not after its start {start[i]} s")
+    return values
 
 
 def label_names_for(uri: str, table: "pyarrow.Table") -> Optional[List[str]]:  # noqa: F821
@@ -140,8 +169,9 @@ class DecodeStats:
 
 
 class ClipDecoder:
-    """Reads each file of a batch through pyarrow and decodes it with PyAV; reports the batch's decoded
-    and dropped rows to the dataset's `DecodeStats` actor.
+    """Opens each file of a batch as a stream (never read whole) and decodes it with PyAV: one clip per
+    row, or one per window when rows carry windows or ``clips_per_video`` > 1; reports the batch's
+    decoded and dropped rows to the dataset's `DecodeStats` actor.
 
     One instance per actor, or per worker process and settings (:func:`decode_batch`): the filesystem
     handles are made once, not once per batch.
@@ -156,30 +186,66 @@ class ClipDecoder:
         self.manifest = manifest
         self.rng = np.random.default_rng([self.spec.seed, os.getpid()])
 
-    def _read(self, uri: str) -> bytes:
+    @staticmethod
+    def _open(uri: str) -> Any:
+        """The file as a stream: a local path (PyAV reads it in small buffers), or a seekable pyarrow
+        input file for any other filesystem (ranged reads): never the whole file in memory."""
+        fs, path = fsutil.filesystem(uri)
         try:
-            return fsutil.read_bytes(uri)
+            if fsutil.has_scheme(uri):
+                return fs.open_input_file(path)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)
+            return path
         except FileNotFoundError:
             raise DecodeError("missing: file not found") from None
         except OSError as err:
             raise DecodeError(f"unreadable: {err}") from None
 
+    def _windows(self, source: Any, batch: Dict[str, np.ndarray], i: int) -> List[Any]:
+        """The (start, end) seconds of the clips of row ``i``: its window (or the whole video) cut into
+        ``clips_per_video`` equal parts; [(None, None)] for a whole-video row."""
+        from heygen_ray.data.decode import video_duration
+
+        start = float(batch["start"][i]) if "start" in batch and not np.isnan(batch["start"][i]) else None
+        end = float(batch["end"][i]) if "end" in batch and not np.isnan(batch["end"][i]) else None
+        k = self.spec.clips_per_video
+        if k == 1:
+            return [(start, end)] if start is not None or end is not None else [(None, None)]
+        start = start or 0.0
+        total = video_duration(source)
+        if start >= total:
+            raise DecodeError(f"window: starts at {start:.2f} s, past the end of the video ({total:.2f} s)")
+        end = total if end is None else min(end, total)
+        step = (end - start) / k
+        return [(start + j * step, start + (j + 1) * step) for j in range(k)]
+
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         s = self.spec
-        keep, clips, source_frames, ok_ids, bad = [], [], [], [], []
+        windowed = "start" in batch or "end" in batch or s.clips_per_video > 1
+        keep, clips, source_frames, bounds, ok_ids, bad = [], [], [], [], [], []
         for i, (uri, row_id) in enumerate(zip(batch["path"], batch["row_id"])):
+            source = None
             try:
-                clip, n = decode_clip(
-                    self._read(str(uri)), s.clip_frames, s.height, s.width, sampling=self.sampling,
-                    short_clips=s.short_clips, resize=s.resize, threads=s.decode_threads, rng=self.rng,
-                )
+                source = self._open(str(uri))
+                decoded = []
+                for a, b in self._windows(source, batch, i) if windowed else [(None, None)]:
+                    clip, n = decode_clip(
+                        source, s.clip_frames, s.height, s.width, sampling=self.sampling, short_clips=s.short_clips,
+                        resize=s.resize, threads=s.decode_threads, rng=self.rng, start_s=a, end_s=b)
+                    decoded.append((clip, n, a, b))
             except DecodeError as err:
                 log.warning("dropping %s: %s", uri, err)
                 bad.append({"row_id": int(row_id), "path": str(uri), "reason": str(err)})
                 continue
-            keep.append(i)
-            clips.append(clip)
-            source_frames.append(n)
+            finally:
+                if source is not None and hasattr(source, "close"):
+                    source.close()
+            for clip, n, a, b in decoded:
+                keep.append(i)
+                clips.append(clip)
+                source_frames.append(n)
+                bounds.append((np.nan if a is None else a, np.nan if b is None else b))
             ok_ids.append(int(row_id))
         all_bad = self._report(ok_ids, bad)
         if all_bad:
@@ -197,6 +263,9 @@ class ClipDecoder:
             np.stack(clips) if clips else np.zeros((0, s.clip_frames, s.height, s.width, 3), dtype=np.uint8)
         )
         out["source_frames"] = np.asarray(source_frames, dtype=np.int64)
+        if windowed:  # where each clip was cut: seconds into its video (NaN: from the start / to the end)
+            edges = np.asarray(bounds, dtype=np.float64).reshape(-1, 2)
+            out["clip_start_s"], out["clip_end_s"] = edges[:, 0], edges[:, 1]
         if self.columns is not None:
             out = {k: out[k] for k in self.columns}
         return out
@@ -283,6 +352,8 @@ class VideoPipeline:
         rows = self.rows(split)
         if columns is not None:
             known = set(rows.column_names) | {"video", "source_frames"}
+            if "start" in rows.column_names or "end" in rows.column_names or self.spec.clips_per_video > 1:
+                known |= {"clip_start_s", "clip_end_s"}
             unknown = [c for c in columns if c not in known]
             if unknown:
                 raise ConfigError(f"unknown video dataset columns {unknown}; available: {sorted(known)}")
@@ -297,7 +368,8 @@ class VideoPipeline:
         # One block per decode batch: small blocks keep every decoder busy and memory flat.
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_decoders = self.spec.num_decoders or max(1, int(cpus / self.spec.decoder_num_cpus))
-        rows_per_block = self.spec.decode_batch_size
+        # a row cut into several clips yields that many: fewer rows per block keep blocks decode_batch_size clips
+        rows_per_block = max(1, self.spec.decode_batch_size // self.spec.clips_per_video)
         blocks = [rows.slice(i, rows_per_block) for i in range(0, rows.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks)
         settings = {"spec": self.spec.to_dict(), "sampling": sampling, "stats": stats, "manifest": self.manifest_uri,
@@ -310,7 +382,7 @@ class VideoPipeline:
             # Every decoder up front (the autoscaler was slow to add the second one on small data
             # sets); min_size=1 keeps the pipeline going when Train holds some of the CPUs.
             compute = ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders, initial_size=n_decoders)
-        ds = ds.map_batches(fn, **kwargs, batch_size=self.spec.decode_batch_size, batch_format="numpy", compute=compute,
+        ds = ds.map_batches(fn, **kwargs, batch_size=rows_per_block, batch_format="numpy", compute=compute,
                             num_cpus=self.spec.decoder_num_cpus)
         # Columns are selected inside the decoder (one step, not a second pass over the decoded clips).
         if self.spec.cache if cache is None else cache:

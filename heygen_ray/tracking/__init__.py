@@ -48,6 +48,7 @@ from heygen_ray.tracking.models import (
     set_alias,
 )
 from heygen_ray.tracking.plots import svg_curves, svg_heatmap, svg_scatter
+from heygen_ray.tracking.resilient import ResilientTracker
 from heygen_ray.tracking.runs import (
     MAX_PARAM_VALUE,
     MAX_TAG_VALUE,
@@ -73,6 +74,7 @@ __all__ = [
     "TRUNCATION_MARKER",
     "WEIGHTS_FILE",
     "LoggedModel",
+    "ResilientTracker",
     "ModelRef",
     "NullTracker",
     "RunStatus",

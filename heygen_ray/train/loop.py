@@ -269,7 +269,8 @@ def start(state: TrainState) -> None:
         state.adversary.distribute(ray.train.torch.prepare_model)
     if spec.compile:
         state.model = torch.compile(state.model)
-    state.tracker = track.attach(spec.tracking.to_dict(), cfg.run_dir, rank=state.rank, run_id=cfg.mlflow_run_id)
+    state.tracker = track.attach(spec.tracking.to_dict(), cfg.run_dir, rank=state.rank, run_id=cfg.mlflow_run_id,
+                                 resilient=True)
     if state.resumed_from is None:  # a resumed run logged its choice already (a retry logs the same values again)
         state.tracker.log_params(state.choice.to_params())
         if state.run_params:
@@ -436,6 +437,9 @@ def finish(state: TrainState) -> Dict[str, Any]:
                                    overrides=model_overrides(spec, task, info), precision=state.choice.precision)
     if logged:
         result.update(logged)
+    missing = state.tracker.close() if hasattr(state.tracker, "close") else {}
+    if missing:  # the training finished and its checkpoints landed; this part of its MLflow run did not
+        result["tracking_not_logged"] = missing
     return result
 
 

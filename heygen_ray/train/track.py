@@ -85,15 +85,27 @@ def continue_or_start_run(tracking: Dict[str, Any], run_dir: str, *, run_name: s
     return rid
 
 
-def attach(tracking: Dict[str, Any], run_dir: str, *, rank: int, run_id: Optional[str]):
-    """A tracker on the driver's run for rank 0, a NullTracker for the other ranks or without a run."""
+def attach(tracking: Dict[str, Any], run_dir: str, *, rank: int, run_id: Optional[str], resilient: bool = False):
+    """A tracker on the driver's run for rank 0, a NullTracker for the other ranks or without a run.
+    ``resilient`` (a training worker): a :class:`~heygen_ray.tracking.ResilientTracker`, so a tracking
+    server that goes away mid-run costs the training nothing but the calls it names afterwards."""
     if run_id is None:
         return t.NullTracker()
-    return t.make_tracker(tracking, run_dir, rank=rank, run_name="", run_id=run_id)
+    tracker = t.make_tracker(tracking, run_dir, rank=rank, run_name="", run_id=run_id)
+    if not resilient or not tracker.enabled:
+        return tracker
+    # MLflow's own HTTP retries back off for minutes on a refused connection: fail fast, the wrapper retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    return t.ResilientTracker(tracker)
 
 
 def end_run(tracking: Dict[str, Any], run_dir: str, run_id: Optional[str], status: str) -> None:
-    attach(tracking, run_dir, rank=0, run_id=run_id).end(status)
+    """Close the run; a tracking server that is down leaves it open (the training's results stand)."""
+    try:
+        attach(tracking, run_dir, rank=0, run_id=run_id).end(status)
+    except Exception as err:  # noqa: BLE001 - the server's state must not fail a finished training
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
 
 
 def log_final_model(tracker, model, *, spec, info, task, overrides: Dict[str, Any],
@@ -107,13 +119,20 @@ def log_final_model(tracker, model, *, spec, info, task, overrides: Dict[str, An
         from heygen_ray.data.text import TextTokenizer
 
         data_info["tokenizer_json"] = TextTokenizer.load(info.tokenizer_dir).to_json()
-    logged = t.log_model(
-        tracker, model, model_name=spec.model.name, model_overrides=overrides,
-        registered_model_name=spec.tracking.registered_model_name,
-        input_example=task.inputs(task.example_batch(info, 1))[0],
-        extra={"task": spec.task, "precision": precision or spec.precision, "variant": "ema" if spec.ema.enabled else "raw",
-               "data_info": data_info},
-    )
+    target = tracker.inner if isinstance(tracker, t.ResilientTracker) else tracker
+    try:
+        logged = t.log_model(
+            target, model, model_name=spec.model.name, model_overrides=overrides,
+            registered_model_name=spec.tracking.registered_model_name,
+            input_example=task.inputs(task.example_batch(info, 1))[0],
+            extra={"task": spec.task, "precision": precision or spec.precision, "variant": "ema" if spec.ema.enabled else "raw",
+                   "data_info": data_info},
+        )
+    except Exception as err:
+        if target is tracker:
+            raise
+        tracker.record_failure("log_model (the final model; its weights are in the last checkpoint)", err)
+        return None
     if logged is None:
         return None
     return {"model_uri": logged.model_uri, "registered_model_name": logged.registered_name,

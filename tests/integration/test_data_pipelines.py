@@ -173,3 +173,31 @@ def test_a_dataset_s_stats_actor_ends_with_the_dataset(ray_session, tiny_dataset
         time.sleep(0.5)
     assert not alive(), "the stats actor outlived its dataset"
     assert ray.is_initialized()
+
+
+def test_time_windows_and_several_clips_per_video_from_one_long_file(ray_session, tmp_path):
+    """One 8 s file at 5 fps (frame t is a flat grey of 4 + 6 t, a keyframe every 5 frames), three manifest
+    rows with windows, two clips per row: each clip holds the frames of its half of its window; the
+    window past the end of the file is dropped and counted with its reason."""
+    from heygen_ray.data.media import encode_mp4
+
+    frames = np.stack([np.full((32, 32, 3), 4 + 6 * t, np.uint8) for t in range(40)])
+    (tmp_path / "long.mp4").write_bytes(encode_mp4(frames, 5, gop=5))
+    pacsv.write_csv(pa.table({"path": ["long.mp4"] * 3, "start": [0.0, 4.0, 20.0], "end": [4.0, None, 25.0]}),
+                    tmp_path / "m.csv")
+    spec = VideoDataSpec(manifest=str(tmp_path / "m.csv"), clip_frames=4, height=16, width=16, clips_per_video=2)
+    pipe = VideoPipeline.from_spec(spec)
+    rows = {}
+    for b in consume(pipe.dataset(columns=["video", "row_id", "clip_start_s", "clip_end_s", "source_frames"])):
+        for v, r, a, e, n in zip(b["video"], b["row_id"], b["clip_start_s"], b["clip_end_s"], b["source_frames"]):
+            rows.setdefault(int(r), []).append((a, e, n, np.rint((v.mean(axis=(1, 2, 3)) - 4) / 6).astype(int).tolist()))
+    # uniform TSN indices: 4 of 10 frames -> 1, 3, 6, 8
+    assert sorted(rows[0]) == [(0.0, 2.0, 10, [1, 3, 6, 8]), (2.0, 4.0, 10, [11, 13, 16, 18])]
+    assert sorted(rows[1]) == [(4.0, 6.0, 10, [21, 23, 26, 28]), (6.0, 8.0, 10, [31, 33, 36, 38])]  # no end: the file's
+    s = pipe.stats()
+    assert 2 not in rows and s["dropped"] == 1 and s["dropped_reasons"] == {"window": 1}
+    assert "past the end of the video (8.00 s)" in s["dropped_examples"][0]["reason"]
+    # a window that ends before it starts is a manifest error, named before anything runs
+    pacsv.write_csv(pa.table({"path": ["long.mp4"], "start": [3.0], "end": [2.0]}), tmp_path / "bad.csv")
+    with pytest.raises(ConfigError, match=r"row 0 .*long.mp4.*ends at 2.0 s, not after its start 3.0 s"):
+        VideoPipeline.from_spec(VideoDataSpec(manifest=str(tmp_path / "bad.csv")))

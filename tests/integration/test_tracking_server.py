@@ -62,3 +62,45 @@ def test_run_and_model_round_trip_through_server(mlflow_server, tmp_path, monkey
     out = load_pyfunc("models:/server-video@champion", tracking_uri=mlflow_server).predict({"video": x["video"].numpy()})
     np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_training_tracker_keeps_going_while_the_server_is_down_and_catches_up(tmp_path, monkeypatch):
+    """A real server of its own, stopped mid-run and started again on the same port and store: the
+    logging calls made while it is down return at once (no exception, no minutes of HTTP retries), the
+    metrics are queued and arrive in order once it is back, and what never arrived is named."""
+    import time
+
+    from mlflow_server import start_mlflow_server, stop_mlflow_server
+
+    from heygen_ray.train import track
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    proc, uri = start_mlflow_server(tmp_path / "server")
+    port = int(uri.rsplit(":", 1)[1])
+    tracking = {"tracking_uri": uri, "experiment": "resilient"}
+    try:
+        run_id = track.start_training_run(tracking, str(tmp_path), run_name="r", spec={"steps": 3})
+        tracker = track.attach(tracking, str(tmp_path), rank=0, run_id=run_id, resilient=True)
+        tracker.retry_after_s = 0.0  # try again at every call (the loop's default waits 30 s between tries)
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        stop_mlflow_server(proc)
+        t0 = time.monotonic()
+        tracker.log_metrics({"loss": 0.5}, step=2)
+        tracker.log_text("hello", "notes.txt")
+        assert time.monotonic() - t0 < 20
+        assert tracker.not_logged()["metric_points"] == 1 and tracker.not_logged()["calls"] == ["log_text hello"]
+        proc, _ = start_mlflow_server(tmp_path / "server", port=port)
+        tracker.log_metrics({"loss": 0.25}, step=3)  # the queued step 2 goes first
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+        missing = tracker.close()
+        assert missing == {"calls": ["log_text hello"], "last_error": missing["last_error"]} and missing["last_error"]
+        assert "log_text hello" in MlflowClient(uri).get_run(run_id).data.tags["heygen_ray.not_logged"]
+    finally:
+        stop_mlflow_server(proc)
+        for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):  # what attach set for the worker
+            os.environ.pop(var, None)

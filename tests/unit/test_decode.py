@@ -95,3 +95,52 @@ def test_truncated_and_audio_only_files():
             c.mux(p)
     with pytest.raises(DecodeError, match="no video stream"):
         decode_clip(buf.getvalue(), 8, 32, 32)
+
+
+def ramp40(gop=None):
+    """40 frames at 10 fps (4 s); frame t is a flat grey of 4 + 6 t; a keyframe every `gop` frames."""
+    from heygen_ray.data.media import encode_mp4 as enc
+
+    frames = np.stack([np.full((32, 32, 3), 4 + 6 * t, np.uint8) for t in range(40)])
+    return enc(frames, 10, gop=gop)
+
+
+def frame_numbers(clip):
+    return np.rint((clip.mean(axis=(1, 2, 3)) - 4) / 6).astype(int).tolist()
+
+
+@pytest.mark.parametrize("gop", [None, 8])
+def test_a_window_samples_its_own_frames_after_seeking(gop):
+    data = ramp40(gop)
+    # [1.0 s, 2.0 s) holds frames 10..19; uniform TSN indices of 4 out of 10 are 1, 3, 6, 8
+    clip, n = decode_clip(data, 4, 16, 16, sampling="uniform", start_s=1.0, end_s=2.0)
+    assert n == 10 and frame_numbers(clip) == [11, 13, 16, 18]
+    # a window that starts between keyframes (gop 8: the seek lands on frame 24, decoding runs on)
+    clip, n = decode_clip(data, 5, 16, 16, sampling="uniform", start_s=2.5, end_s=3.5)
+    assert n == 10 and frame_numbers(clip) == [26, 28, 30, 32, 34]
+    # an end past the video is cut at its end; no end means to the end
+    clip, n = decode_clip(data, 5, 16, 16, sampling="uniform", start_s=3.0, end_s=60.0)
+    assert n == 10 and frame_numbers(clip) == [31, 33, 35, 37, 39]
+    assert decode_clip(data, 5, 16, 16, sampling="uniform", start_s=3.0)[0].tolist() == clip.tolist()
+
+
+def test_a_window_past_the_end_or_empty_is_a_decode_error_with_its_reason():
+    data = ramp40()
+    with pytest.raises(DecodeError, match=r"window: starts at 5.00 s, past the end of the video \(4.00 s\)"):
+        decode_clip(data, 4, 16, 16, start_s=5.0, end_s=6.0)
+    with pytest.raises(DecodeError, match=r"window: .*2 frames < clip_frames=4"):
+        decode_clip(data, 4, 16, 16, start_s=1.0, end_s=1.2, short_clips="drop")
+
+
+def test_a_file_is_read_as_a_stream_from_a_path_or_a_pyarrow_file(tmp_path):
+    import pyarrow.fs as pafs
+
+    data = ramp40(8)
+    path = tmp_path / "v.mp4"
+    path.write_bytes(data)
+    want = decode_clip(data, 4, 16, 16, sampling="uniform", start_s=1.0, end_s=2.0)[0]
+    assert decode_clip(str(path), 4, 16, 16, sampling="uniform", start_s=1.0, end_s=2.0)[0].tolist() == want.tolist()
+    with pafs.LocalFileSystem().open_input_file(str(path)) as f:
+        got = decode_clip(f, 4, 16, 16, sampling="uniform", start_s=1.0, end_s=2.0)[0]
+    assert got.tolist() == want.tolist()
+    assert decode_clip(str(path), 8, 16, 16)[0].tolist() == decode_clip(data, 8, 16, 16)[0].tolist()
