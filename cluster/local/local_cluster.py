@@ -83,6 +83,14 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def environ_has(pid: int, entry: bytes) -> bool:
+    """Whether `entry` (b"NAME=value") is in the process's environment (False when unreadable)."""
+    try:
+        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 def all_pids() -> List[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
@@ -98,11 +106,14 @@ def parents() -> Dict[int, int]:
 
 def cluster_pids(root: Path, recorded: Dict[str, int]) -> Set[int]:
     """This cluster's live processes: recorded ones still the same process, ones naming `root` in their
-    command line, and all their descendants."""
+    command line, ones started with this cluster's environment (HEYGEN_RAY_CLUSTER_DIR: Ray's own
+    daemons, such as the client server, detach from the processes that started them), and all their
+    descendants."""
     me = os.getpid()
     marker = str(root) + os.sep  # with the separator: /tmp/hr-local-1000 must not match /tmp/hr-local-10001/...
+    env_marker = f"{CLUSTER_ENV}={root}".encode()
     found = {int(p) for p, t in recorded.items() if start_time(int(p)) == t}
-    found |= {p for p in all_pids() if p != me and marker in cmdline(p)}
+    found |= {p for p in all_pids() if p != me and (marker in cmdline(p) or environ_has(p, env_marker))}
     ppid = parents()
     children: Dict[int, List[int]] = {}
     for p, pp in ppid.items():
@@ -118,9 +129,13 @@ def cluster_pids(root: Path, recorded: Dict[str, int]) -> Set[int]:
 
 
 # ---------------------------------------------------------------------------------------------- start
+CLUSTER_ENV = "HEYGEN_RAY_CLUSTER_DIR"  # set only in the cluster's processes (not in the env file users source)
+
+
 def ray_env(root: Path) -> Dict[str, str]:
     """The environment the cluster's processes (and job drivers, which inherit it) run with."""
     env = dict(os.environ)
+    env[CLUSTER_ENV] = str(root)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # `python` in a job entrypoint = this venv
     env["RAY_AUTH_MODE"] = "token"
