@@ -23,6 +23,35 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest  # noqa: E402  (after the environment above, which Ray must see)
+from background import CHAINS  # noqa: E402  (tests/background.py)
+
+
+def _chain_modules(items):
+    """The modules of ``items`` that define ``background_chain``, in collection order."""
+    seen = {}
+    for item in items:
+        mod = getattr(item, "module", None)
+        if mod is not None and hasattr(mod, "background_chain"):
+            seen.setdefault(mod.__name__, mod)
+    return list(seen.values())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of modules with a background chain run last (in collection order, as their chains
+    run), so the chains overlap everything else (tests/background.py)."""
+    names = {m.__name__ for m in _chain_modules(items)}
+    items[:] = ([i for i in items if getattr(getattr(i, "module", None), "__name__", None) not in names]
+                + [i for i in items if getattr(getattr(i, "module", None), "__name__", None) in names])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_chains(request, tmp_path_factory, _hermetic_cache):
+    """Start the selected modules' background chains when the session's first test starts (after the
+    hermetic cache is set: the chains' subprocesses inherit it); kill what still runs at the end."""
+    mods = _chain_modules(request.session.items)
+    CHAINS.start([(m.__name__, m.background_chain, tmp_path_factory.mktemp(m.__name__.rsplit(".", 1)[-1])) for m in mods])
+    yield CHAINS
+    CHAINS.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,6 @@
 """The compression job as a user runs it (`jobs/compress.py --smoke-test`, a subprocess with its own local
-Ray and MLflow store), run once for the module and asserted on from several tests: a teacher is
+Ray and MLflow store), run once for the module (started with the test session, so that it overlaps the
+other tests: tests/background.py) and asserted on from several tests: a teacher is
 trained, pruned, distilled on Ray Train (hidden-state distillation through the 2-worker DDP loop),
 quantized with QAT; every reference variant (the compiled fp32 student too) is measured, reported and
 registered with its lineage, and the gate decides the alias. Then the same pruned student fine-tuned
@@ -10,11 +11,11 @@ The int8 static (PT2E) path is the quickstart pipeline's (tests/e2e/test_quickst
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from background import CHAINS
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,7 +39,7 @@ OVERRIDES = [
 def run(*args, timeout=900):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TORCHINDUCTOR_COMPILE_THREADS="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return CHAINS.run(list(args), cwd=REPO, env=env, timeout=timeout)
 
 
 def test_bad_compress_config_fails_before_ray_starts():
@@ -47,9 +48,8 @@ def test_bad_compress_config_fails_before_ray_starts():
     assert "Started a local Ray" not in r.stderr + r.stdout
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compress_job")
+def background_chain(tmp: Path) -> dict:
+    """The job, started with the session (tests/background.py) so that it overlaps the rest of the suite."""
     r = run(sys.executable, "jobs/compress.py", "--config", "configs/compress/video_classifier.yaml", "--smoke-test",
             f"run_dir={tmp}/runs", f"train.data.synth.output_dir={tmp}/data", *OVERRIDES)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -57,6 +57,11 @@ def job(tmp_path_factory):
     res = json.loads((run_dir / "results.json").read_text())
     return {"tmp": tmp, "run_dir": run_dir, "res": res, "rows": {v["variant"]: v for v in res["variants"]},
             "stdout": r.stdout}
+
+
+@pytest.fixture(scope="module")
+def job():
+    return CHAINS.result(__name__)
 
 
 pytestmark = pytest.mark.slow

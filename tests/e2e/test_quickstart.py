@@ -1,5 +1,6 @@
 """The quickstart pipeline (`jobs/pipeline.py`) exactly as a user runs it, once for the module: a
-subprocess with its own local Ray, every stage, one MLflow store. Its three trainings run at sizes where
+subprocess with its own local Ray, every stage, one MLflow store (started with the test session, so
+that it overlaps the other tests: tests/background.py). Its three trainings run at sizes where
 each model learns what the embedded data teaches (the other stages at --smoke-test sizes), so the same
 run answers two questions:
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from background import CHAINS
 
 from heygen_ray.config import DataSpec, load_spec
 
@@ -43,8 +45,8 @@ LEARN = {
 def run(*args, timeout=1500):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TORCHINDUCTOR_COMPILE_THREADS="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "jobs/pipeline.py", "--config", "configs/pipeline/quickstart.yaml",
-                           "--smoke-test", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return CHAINS.run([sys.executable, "jobs/pipeline.py", "--config", "configs/pipeline/quickstart.yaml",
+                       "--smoke-test", *args], cwd=REPO, env=env, timeout=timeout)
 
 
 def learning_sizes(entry: str) -> str:
@@ -58,9 +60,9 @@ def learning_sizes(entry: str) -> str:
     return f"train.{entry}.smoke_overrides={json.dumps(d)}"
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("quickstart")
+def background_chain(tmp: Path) -> dict:
+    """The first submission, started with the session (tests/background.py): its minutes overlap the
+    rest of the suite. The module's tests (run last) assert on it; the resubmission is the last test."""
     out = tmp / "runs"
     common = [f"output_dir={out}", f"data.synth.output_dir={tmp}/data", *[f"data.{o}" for o in DATA],
               *[learning_sizes(e) for e in LEARN],
@@ -73,6 +75,11 @@ def quickstart(tmp_path_factory):
     # each training's own results (the whole TrainResult: curves, train loss, precision)
     trained = {e: json.loads((Path(res["stages"][f"train.{e}"]["run_dir"]) / "results.json").read_text()) for e in LEARN}
     return {"tmp": tmp, "out": out, "common": common, "r": r, "res": res, "uri": res["tracking_uri"], **trained}
+
+
+@pytest.fixture(scope="module")
+def quickstart():
+    return CHAINS.result(__name__)
 
 
 # -- the plumbing -------------------------------------------------------------------------------
