@@ -641,7 +641,8 @@ class PipelineRun:
         except BaseException:
             serve.shutdown()
             raise
-        running = ref.keep_running
+        # unset: a smoke run checks the plumbing and shuts Serve down; a real one leaves it serving
+        running = ref.keep_running if ref.keep_running is not None else not self.spec.smoke
         if not running:
             serve.shutdown()
         elif not os.environ.get("RAY_ADDRESS"):

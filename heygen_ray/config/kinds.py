@@ -51,7 +51,7 @@ SMOKE_OVERRIDES: Dict[str, List[str]] = {
               "data.video.cache=true"],  # decoded once: a new decoder pool every 3-step epoch cost more than the steps
     "compress": list(_COMPRESS_SMOKE),
     "pipeline": ["smoke=true", "data.synth.num_clips=48", "data.synth.output_dir=data/smoke_pipeline",
-                 "output_dir=runs/smoke_pipeline", "data.synth.descriptions_per_clip=1", "serve.keep_running=false"],
+                 "output_dir=runs/smoke_pipeline", "data.synth.descriptions_per_clip=1"],
     "sweep": ["search.num_samples=4", "max_concurrent_trials=2", "train.steps=24", "train.eval_every_n_steps=6",
               "train.log_every_n_steps=6", "train.batch_size=8", "train.data.synth.num_clips=32",
               "train.data.synth.output_dir=data/smoke", "train.data.synth.descriptions_per_clip=1",

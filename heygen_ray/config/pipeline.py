@@ -66,8 +66,9 @@ class PipelineServeSpec(StageRefSpec):
     generate: Optional[str] = None
     complete: Optional[str] = None
     match: Optional[str] = None
-    keep_running: bool = Field(default=True, description="leave Serve running when the pipeline ends "
-                               "(make stop / heygen-ray serve stop); false: shut it down after the smoke requests")
+    keep_running: Optional[bool] = Field(default=None, description="leave Serve running when the pipeline ends "
+                                         "(make stop / heygen-ray serve stop); false: shut it down after the smoke "
+                                         "requests; null (default): running, except at --smoke-test sizes")
 
 
 class PipelineSpec(Spec):

@@ -3,8 +3,10 @@ token auth on, its own directory and free ports, an `mlflow server` beside it, a
 training job (`jobs/train.py --smoke-test`, the text decoder: data -> tokenizer -> DDP loop -> eval ->
 checkpoint -> MLflow) sent with the real `ray job submit` CLI, stopped with `ray job stop` mid-training,
 submitted again with edited code, and finished from its checkpoint in the same MLflow run on the
-cluster's tracking server; then `cluster/local/stop.sh` ends exactly that cluster (the server too).
-This is the test of the train job as a user submits it."""
+cluster's tracking server. On the same cluster, the pipeline job (data -> one training) is stopped
+during its training and submitted again: the ledger on the storage root skips the data stage and the
+training resumes in its MLflow run. Then `cluster/local/stop.sh` ends exactly that cluster (the server
+too). These are the tests of the train and pipeline jobs as a user submits them."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _http_status(url: str, token: str | None) -> int:
         return err.code
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_cluster_dir():
     """A short directory in /tmp (Ray's unix sockets live under it; pytest's tmp_path is too long), with
     the cluster's storage root inside it."""
@@ -58,6 +60,58 @@ def local_cluster_dir():
         shutil.rmtree(root, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert not left, f"processes of the test cluster still running: {sorted(left)}"
+
+
+TRAIN_JOB = ["jobs/train.py", "--config", "configs/train/language_modeling.yaml", "--smoke-test", *PLAN]
+
+
+class Jobs:
+    """The real `ray job submit` / `ray job stop` CLI against the test cluster, with its token, from a
+    copy of what a job needs from a checkout (its entrypoints and configs; the package is installed)."""
+
+    def __init__(self, root: Path):
+        state = json.loads((root / "cluster.json").read_text())
+        self.dashboard = state["dashboard"]
+        self.token = (root / "auth_token").read_text().strip()
+        self.work = root / "code"
+        if not self.work.exists():
+            for part in ("jobs", "configs"):
+                shutil.copytree(REPO / part, self.work / part)
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_", "HEYGEN_RAY_STORAGE"))}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "auth_token"))
+
+    def submit(self, submission_id: str, job: list, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
+               "--working-dir", str(self.work), "--runtime-env", str(REPO / "cluster/runtime_env.yaml"), *extra, "--",
+               "python", *job]
+        return subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+
+    def submit_and_stop(self, submission_id: str, job: list, checkpoints: Path) -> None:
+        """Submitted without waiting, then `ray job stop` once a complete checkpoint is in ``checkpoints``
+        (a folder under the storage root); returns when the job is STOPPED."""
+        from ray.job_submission import JobSubmissionClient
+
+        r = self.submit(submission_id, job, "--no-wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        jobs = JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
+
+        def status() -> str:
+            st = str(jobs.get_job_status(submission_id).value)
+            return st if st in ("STOPPED", "SUCCEEDED", "FAILED") else ""
+
+        def checkpointed() -> bool:
+            ended = status()  # a job that ended before its first checkpoint fails here, with its logs
+            assert not ended, f"the job {submission_id} ended ({ended}) before a checkpoint:\n" + \
+                jobs.get_job_logs(submission_id)[-6000:]
+            return checkpoints.is_dir() and any((d / "meta.json").exists() for d in checkpoints.glob("step_*"))
+
+        _wait_for("a checkpoint under the storage root", checkpointed, timeout_s=300, poll_s=0.5)
+        r = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", self.dashboard, submission_id], cwd=REPO,
+                           env=self.env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        assert _wait_for(f"the job {submission_id} to stop", status, timeout_s=120) == "STOPPED"
 
 
 def _wait_for(what: str, check, timeout_s: float, poll_s: float = 0.2):
@@ -86,39 +140,12 @@ def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(loc
     env_file = (root / "env").read_text()
     assert f"export MLFLOW_TRACKING_URI={tracking_uri}" in env_file and f"export HEYGEN_RAY_STORAGE={store}" in env_file
 
-    # what the job needs from a checkout: its entrypoints and configs (the package is installed)
-    work = root / "code"
-    for part in ("jobs", "configs"):
-        shutil.copytree(REPO / part, work / part)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_", "HEYGEN_RAY_STORAGE"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "auth_token"))
-
-    def submit(submission_id: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", submission_id,
-               "--working-dir", str(work), "--runtime-env", str(REPO / "cluster/runtime_env.yaml"), *extra, "--",
-               "python", "jobs/train.py", "--config", "configs/train/language_modeling.yaml", "--smoke-test", *PLAN]
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
     # 1. submitted, then stopped once a checkpoint is on the storage root
-    r = submit("first", "--no-wait")
-    assert r.returncode == 0, r.stdout + r.stderr
+    cluster = Jobs(root)
+    work = cluster.work
     run_dir = store / "runs" / "resumable"  # the relative run_dir, resolved under the storage root
     ckpts = run_dir / "checkpoints"
-    _wait_for("a checkpoint under the storage root", lambda: ckpts.is_dir() and any(
-        (d / "meta.json").exists() for d in ckpts.glob("step_*")), timeout_s=300)
-    r = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", dashboard, "first"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-    from ray.job_submission import JobSubmissionClient
-
-    jobs = JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {token}"})
-
-    def status() -> str:
-        st = str(jobs.get_job_status("first").value)
-        return st if st in ("STOPPED", "SUCCEEDED", "FAILED") else ""
-
-    assert _wait_for("the first job to stop", status, timeout_s=120) == "STOPPED"
+    cluster.submit_and_stop("first", TRAIN_JOB, ckpts)
     stopped_at = max(int(d.name.split("_")[1]) for d in ckpts.glob("step_*") if (d / "meta.json").exists())
     assert 20 <= stopped_at < 300 and not (run_dir / "results.json").exists()
     first_run = json.loads((run_dir / "mlflow_run.json").read_text())
@@ -126,7 +153,7 @@ def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(loc
 
     # 2. the code is edited (outside the model), the same command submitted again: it resumes
     (work / "jobs" / "train.py").write_text((work / "jobs" / "train.py").read_text() + "\n# edited after the stop\n")
-    r = submit("second")
+    r = cluster.submit("second", TRAIN_JOB)
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "Job 'second' succeeded" in out, out[-6000:]
     res = json.loads((run_dir / "results.json").read_text())
@@ -165,3 +192,62 @@ def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(loc
     prep = Prep(info, ServeEndpointSpec(), "complete")
     assert prep.tokenizer.vocab_size == info["data_info"]["vocab_size"] and model is not None
     assert prep.tokenizer.decode(prep.tokenizer.encode("a red circle moves left")) == "a red circle moves left"
+
+
+# The pipeline job: data -> one training, smoke sizes, a checkpoint every 20 of 300 steps (as PLAN: long
+# enough to be stopped before it ends).
+PIPELINE = """\
+name: resumable_pipeline
+stages: [data, train]
+data:
+  synth: {num_clips: 48}
+  text: {vocab_size: 1024, seq_len: 64}
+train:
+  text_decoder:
+    config: configs/train/language_modeling.yaml
+    smoke_overrides: {steps: 300, checkpoint_every_n_steps: 20, eval_every_n_steps: 100, log_every_n_steps: 10,
+                      scaling.num_workers: 1}
+tracking: {experiment: resumable_pipeline}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_stopped_pipeline_submitted_again_skips_finished_stages_and_resumes_its_training(local_cluster_dir):
+    """`ray job stop` during the pipeline's training, the same submission again: the data stage is
+    skipped through the ledger on the storage root, the training resumes from its checkpoint in the same
+    MLflow run on the cluster's tracking server and finishes at its planned step."""
+    root = local_cluster_dir
+    state = json.loads((root / "cluster.json").read_text())
+    tracking_uri, store = state["mlflow"], Path(state["storage"])
+    cluster = Jobs(root)
+    (cluster.work / "configs" / "pipeline" / "resumable.yaml").write_text(PIPELINE)
+    job = ["jobs/pipeline.py", "--config", "configs/pipeline/resumable.yaml", "--smoke-test"]
+    out_dir = store / "runs" / "smoke_pipeline"  # the smoke output_dir, under the storage root
+    train_dir = out_dir / "train" / "text_decoder"
+    cluster.submit_and_stop("pipeline-first", job, train_dir / "checkpoints")
+    ledger = json.loads((out_dir / "ledger.json").read_text())["units"]
+    # the stopped driver marked its training failed (or was killed before it could: still running)
+    assert ledger["data"]["status"] == "finished" and ledger["train.text_decoder"]["status"] in ("failed", "running")
+    first_run = ledger["train.text_decoder"]["mlflow_run_id"]
+    stopped_at = max(int(d.name.split("_")[1]) for d in (train_dir / "checkpoints").glob("step_*")
+                     if (d / "meta.json").exists())
+
+    r = cluster.submit("pipeline-second", job)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Job 'pipeline-second' succeeded" in out, out[-6000:]
+    res = json.loads((out_dir / "results.json").read_text())
+    status = {row["stage"]: row["status"] for row in res["summary"]}
+    assert status == {"data": "skipped", "train.text_decoder": "resumed"}, status
+    assert res["tracking_uri"] == tracking_uri
+    trained = json.loads((train_dir / "results.json").read_text())
+    assert trained["step"] == 300 and stopped_at <= trained["resumed_from"] < 300, (stopped_at, trained["resumed_from"])
+    assert trained["mlflow_run_id"] == first_run == res["stages"]["train.text_decoder"]["mlflow_run_id"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(first_run)
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(first_run, "train_loss")})
+    assert steps == list(range(10, 301, 10))  # one curve across the stop

@@ -91,6 +91,7 @@ def test_every_stage_ran_with_a_summary_and_where_to_look(quickstart):
     assert units == ["data", "train.video_classifier", "train.video_text_matching", "train.text_to_video", "tune",
                      "compress", "evaluate.test", "evaluate.unseen", "serve"]
     assert all(row["status"] == "ran" for row in res["summary"]), res["summary"]
+    assert res["stages"]["serve"]["running"] is False  # --smoke-test: Serve shut down after its smoke requests
     assert res["stages"]["tune"]["trials"] == 2  # the quickstart's tune.smoke_overrides over the sweep's smoke sizes
     ledger = json.loads((quickstart["out"] / "ledger.json").read_text())["units"]
     assert all(ledger[u]["status"] == "finished" and ledger[u]["key"] for u in units)

@@ -160,10 +160,12 @@ def test_a_dataset_s_stats_actor_ends_with_the_dataset(ray_session, tiny_dataset
     assert len(consume(pipe.dataset("val"))) > 0
     actor_id = pipe._stats["val"][0]._actor_id.hex()
 
+    address = ray.get_runtime_context().gcs_address  # this session's Ray: others may run beside it
+
     def alive() -> bool:
         from ray.util.state import get_actor
 
-        return get_actor(actor_id).state == "ALIVE"
+        return get_actor(actor_id, address=address).state == "ALIVE"
 
     assert alive()
     del pipe

@@ -123,3 +123,16 @@ def test_content_key_follows_spec_inputs_data_and_code(tmp_path):
     again = Ledger(str(tmp_path / "ledger.json"))
     assert again.get("data")["key"] == "abc" and again.get("data")["status"] == "finished"
     assert again.get("data")["outputs"] == {"clips": 3} and again.get("train") is None
+
+
+def test_smoke_sizes_fit_a_pipeline_without_a_serve_stage(tmp_path):
+    """--smoke-test on a pipeline that names no serve section validates (the smoke sizes add none), and
+    plans only its own stages."""
+    from heygen_ray.config import SMOKE_OVERRIDES
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("stages: [data, train]\ndata: {synth: {num_clips: 48}}\n"
+                   "train: {lm: {config: configs/train/language_modeling.yaml}}\n")
+    spec = load_spec(PipelineSpec, str(cfg), list(SMOKE_OVERRIDES["pipeline"]))
+    assert spec.smoke and spec.serve is None
+    assert [u.name for u in plan_pipeline(spec)] == ["data", "train.lm"]
