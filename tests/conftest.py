@@ -40,8 +40,7 @@ def pytest_collection_modifyitems(session, config, items):
     """The tests of modules with a background chain run last (in collection order, as their chains
     run), so the chains overlap everything else (tests/background.py)."""
     names = {m.__name__ for m in _chain_modules(items)}
-    items[:] = ([i for i in items if getattr(getattr(i, "module", None), "__name__", None) not in names]
-                + [i for i in items if getattr(getattr(i, "module", None), "__name__", None) in names])
+    items.sort(key=lambda i: getattr(getattr(i, "module", None), "__name__", None) in names)  # stable: order kept
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,6 @@ The int8 static (PT2E) path is the quickstart pipeline's (tests/e2e/test_quickst
 (tests/unit/test_compress_quantize.py)."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,9 +36,7 @@ OVERRIDES = [
 
 
 def run(*args, timeout=900):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", TORCHINDUCTOR_COMPILE_THREADS="1")
-    env.pop("RAY_ADDRESS", None)
-    return CHAINS.run(list(args), cwd=REPO, env=env, timeout=timeout)
+    return CHAINS.run(list(args), cwd=REPO, timeout=timeout)
 
 
 def test_bad_compress_config_fails_before_ray_starts():

@@ -24,6 +24,8 @@ from pathlib import Path
 import local_cluster  # cluster/local/local_cluster.py (on the path: tests/conftest.py): its processes
 import pytest
 
+from heygen_ray.train.checkpoint import latest_checkpoint, read_meta
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -71,12 +73,12 @@ class Jobs:
 
     def __init__(self, root: Path):
         state = json.loads((root / "cluster.json").read_text())
-        self.dashboard = state["dashboard"]
+        self.root = root
+        self.dashboard, self.tracking_uri, self.store = state["dashboard"], state["mlflow"], Path(state["storage"])
         self.token = (root / "auth_token").read_text().strip()
         self.work = root / "code"
-        if not self.work.exists():
-            for part in ("jobs", "configs"):
-                shutil.copytree(REPO / part, self.work / part)
+        for part in ("jobs", "configs"):
+            shutil.copytree(REPO / part, self.work / part)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_", "HEYGEN_RAY_STORAGE"))}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "auth_token"))
@@ -104,7 +106,7 @@ class Jobs:
             ended = status()  # a job that ended before its first checkpoint fails here, with its logs
             assert not ended, f"the job {submission_id} ended ({ended}) before a checkpoint:\n" + \
                 jobs.get_job_logs(submission_id)[-6000:]
-            return checkpoints.is_dir() and any((d / "meta.json").exists() for d in checkpoints.glob("step_*"))
+            return checkpoints.is_dir() and latest_checkpoint(str(checkpoints)) is not None
 
         _wait_for("a checkpoint under the storage root", checkpointed, timeout_s=300, poll_s=0.5)
         r = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", self.dashboard, submission_id], cwd=REPO,
@@ -112,6 +114,16 @@ class Jobs:
         assert r.returncode == 0, r.stdout + r.stderr
 
         assert _wait_for(f"the job {submission_id} to stop", status, timeout_s=120) == "STOPPED"
+
+
+@pytest.fixture(scope="module")
+def cluster(local_cluster_dir) -> Jobs:
+    return Jobs(local_cluster_dir)
+
+
+def _last_step(checkpoints: Path) -> int:
+    """The step of the newest complete checkpoint in ``checkpoints``."""
+    return read_meta(latest_checkpoint(str(checkpoints))).step
 
 
 def _wait_for(what: str, check, timeout_s: float, poll_s: float = 0.2):
@@ -126,11 +138,9 @@ def _wait_for(what: str, check, timeout_s: float, poll_s: float = 0.2):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(local_cluster_dir):
-    root = local_cluster_dir
-    state = json.loads((root / "cluster.json").read_text())
-    dashboard, tracking_uri, store = state["dashboard"], state["mlflow"], Path(state["storage"])
-    token = (root / "auth_token").read_text().strip()
+def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(cluster):
+    root, dashboard, token = cluster.root, cluster.dashboard, cluster.token
+    tracking_uri, store = cluster.tracking_uri, cluster.store
 
     # token auth is on: the Jobs API refuses a request without the token and takes one with it
     assert _http_status(f"{dashboard}/api/jobs/", None) == 401
@@ -141,12 +151,11 @@ def test_a_stopped_job_submitted_again_resumes_its_checkpoint_and_mlflow_run(loc
     assert f"export MLFLOW_TRACKING_URI={tracking_uri}" in env_file and f"export HEYGEN_RAY_STORAGE={store}" in env_file
 
     # 1. submitted, then stopped once a checkpoint is on the storage root
-    cluster = Jobs(root)
     work = cluster.work
     run_dir = store / "runs" / "resumable"  # the relative run_dir, resolved under the storage root
     ckpts = run_dir / "checkpoints"
     cluster.submit_and_stop("first", TRAIN_JOB, ckpts)
-    stopped_at = max(int(d.name.split("_")[1]) for d in ckpts.glob("step_*") if (d / "meta.json").exists())
+    stopped_at = _last_step(ckpts)
     assert 20 <= stopped_at < 300 and not (run_dir / "results.json").exists()
     first_run = json.loads((run_dir / "mlflow_run.json").read_text())
     assert first_run["tracking_uri"] == tracking_uri  # the cluster's server, from the cluster's environment
@@ -213,14 +222,11 @@ tracking: {experiment: resumable_pipeline}
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_stopped_pipeline_submitted_again_skips_finished_stages_and_resumes_its_training(local_cluster_dir):
+def test_a_stopped_pipeline_submitted_again_skips_finished_stages_and_resumes_its_training(cluster):
     """`ray job stop` during the pipeline's training, the same submission again: the data stage is
     skipped through the ledger on the storage root, the training resumes from its checkpoint in the same
     MLflow run on the cluster's tracking server and finishes at its planned step."""
-    root = local_cluster_dir
-    state = json.loads((root / "cluster.json").read_text())
-    tracking_uri, store = state["mlflow"], Path(state["storage"])
-    cluster = Jobs(root)
+    tracking_uri, store = cluster.tracking_uri, cluster.store
     (cluster.work / "configs" / "pipeline" / "resumable.yaml").write_text(PIPELINE)
     job = ["jobs/pipeline.py", "--config", "configs/pipeline/resumable.yaml", "--smoke-test"]
     out_dir = store / "runs" / "smoke_pipeline"  # the smoke output_dir, under the storage root
@@ -230,8 +236,7 @@ def test_a_stopped_pipeline_submitted_again_skips_finished_stages_and_resumes_it
     # the stopped driver marked its training failed (or was killed before it could: still running)
     assert ledger["data"]["status"] == "finished" and ledger["train.text_decoder"]["status"] in ("failed", "running")
     first_run = ledger["train.text_decoder"]["mlflow_run_id"]
-    stopped_at = max(int(d.name.split("_")[1]) for d in (train_dir / "checkpoints").glob("step_*")
-                     if (d / "meta.json").exists())
+    stopped_at = _last_step(train_dir / "checkpoints")
 
     r = cluster.submit("pipeline-second", job)
     out = r.stdout + r.stderr

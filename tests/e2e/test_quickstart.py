@@ -43,10 +43,8 @@ LEARN = {
 
 
 def run(*args, timeout=1500):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", TORCHINDUCTOR_COMPILE_THREADS="1")
-    env.pop("RAY_ADDRESS", None)
     return CHAINS.run([sys.executable, "jobs/pipeline.py", "--config", "configs/pipeline/quickstart.yaml",
-                       "--smoke-test", *args], cwd=REPO, env=env, timeout=timeout)
+                       "--smoke-test", *args], cwd=REPO, timeout=timeout)
 
 
 def learning_sizes(entry: str) -> str:
