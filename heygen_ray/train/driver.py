@@ -281,7 +281,9 @@ def run_training(spec: TrainSpec, extra_config: Optional[Dict[str, Any]] = None,
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=spec.name, storage_path=os.path.join(spec.run_dir, "ray"),
+            # inside the run folder: deleting that folder (the pipeline does, for a changed or forced
+            # unit) leaves Ray nothing to resume from; the same name with the folder kept resumes
+            name=spec.name, storage_path=os.path.join(run_dir, "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             failure_config=FailureConfig(max_failures=spec.max_failures),
             callbacks=list(callbacks) or None,
