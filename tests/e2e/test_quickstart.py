@@ -38,7 +38,7 @@ DATA = ["synth.num_clips=480", "synth.seed=5", "synth.frames=8", "synth.height=3
 LEARN = {
     "video_classifier": ("video_classification.yaml", {"steps": 240, "eval_every_n_steps": 80}),
     "video_text_matching": ("video_text_matching.yaml", {"steps": 200, "batch_size": 32, "eval_every_n_steps": 100}),
-    "text_to_video": ("text_to_video.yaml", {"steps": 320, "batch_size": 8, "eval_every_n_steps": 80, "precision": "fp32"}),
+    "text_to_video": ("text_to_video.yaml", {"steps": 320, "batch_size": 16, "eval_every_n_steps": 80, "precision": "fp32"}),
 }
 
 
@@ -188,14 +188,14 @@ def test_the_matcher_warm_starts_from_the_classifier_and_retrieves(quickstart):
 
 
 def test_text_to_video_draws_the_caption_and_is_judged(quickstart):
-    """Measured at this size (336 training clips, 2 x 8 per step, the sprite generator on the frozen
+    """Measured at this size (336 training clips, 2 x 16 per step, the sprite generator on the frozen
     matcher's text tower), in fp32, pinned here so the bar does not depend on what ``precision: auto``
-    picks on the machine: the judge recognises shape x direction in 14% / 29% / 47% / 50% of the
-    generated clips at steps 80 / 160 / 240 / 320 (chance 6.25%) and the caption's direction in 53% /
-    79% / 97% / 99% (chance 25%), while PSNR climbs 18.2 -> 19.4 dB (the mean clip: 18.7 dB). Another
-    fp32 run reached only 28% at step 240 (the data order differs between runs), so the test trains
-    320 steps. Colour needs the quickstart's size and steps (README). The judge itself knows every
-    real clip, and the colour check every real object."""
+    picks on the machine. Five runs (the data order differs between runs): the judge recognises shape x
+    direction in 25% / 42% / 52% / 54% of the generated clips at steps 80 / 160 / 240 / 320 (means;
+    chance 6.25%; at step 320 the runs spread 53-60%) and the caption's direction in 99-100% (chance
+    25%), while PSNR climbs to 19.5 dB (the mean clip: 18.7 dB). At 2 x 8 per step the same 320 steps
+    spread 28-50% over eight runs, too close to the bar. Colour needs the quickstart's size and steps
+    (README). The judge itself knows every real clip, and the colour check every real object."""
     res = quickstart["text_to_video"]
     m = res["metrics"]
     hist = dict(res["val_history"]["val_ema_psnr"])
@@ -203,7 +203,7 @@ def test_text_to_video_draws_the_caption_and_is_judged(quickstart):
     assert m["val_ema_samples"] == 72 and 0.0 < m["val_ema_ssim"] <= 1.0 and m["frames_per_s"] > 0
     assert m["val_ema_judge_chance"] == pytest.approx(1 / 16)
     assert m["val_ema_judge_direction_accuracy"] >= 0.8, m
-    assert m["val_ema_judge_accuracy"] >= 0.3, m  # shape x direction: 5x chance
+    assert m["val_ema_judge_accuracy"] >= 0.4, m  # shape x direction: 6x chance
     assert m["val_ema_judge_real_accuracy"] >= 0.9 and m["val_ema_colour_real_accuracy"] >= 0.9, m
 
 
