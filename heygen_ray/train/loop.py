@@ -35,6 +35,7 @@ from heygen_ray.train.gan import METRICS as ADVERSARY_METRICS
 from heygen_ray.train.gan import Adversary, frozen
 from heygen_ray.train.optim import adamw, schedule_at
 from heygen_ray.train.precision import PrecisionChoice, autocast, choose_precision
+from heygen_ray.train.prefetch import Prefetch
 from heygen_ray.train.prepare import model_overrides, prepare
 from heygen_ray.train.step import evaluate, optimizer_step
 from heygen_ray.train.tasks import DataInfo, Task
@@ -164,12 +165,14 @@ class TrainState:
     # set by start()
     model: Optional[nn.Module] = None  # what trains: `base` wrapped for DDP (and compiled)
     tracker: Any = None
-    data: Optional[Iterator[Tuple[int, Dict[str, torch.Tensor]]]] = None
+    data: Optional[Prefetch[Tuple[int, Dict[str, torch.Tensor]]]] = None  # (epoch, micro-batch), read ahead
     val_shard: Any = None  # None: no validation (or not rank 0's to run)
     throughput: Optional[Throughput] = None
     fault: Optional[Tuple[int, int]] = None  # (rank, step) to kill, see fault_plan
     # what was logged, for the reports and the result
     meter: Meter = field(default_factory=Meter)
+    wait_total: float = 0.0  # seconds waited for data since start(), over all log windows
+    started_at: float = 0.0  # when start() handed over to the first step (perf_counter)
     history: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     last_train: Dict[str, float] = field(default_factory=dict)
     last_eval: Dict[str, float] = field(default_factory=dict)
@@ -264,6 +267,11 @@ def start(state: TrainState) -> None:
     from heygen_ray.train import track
 
     spec, cfg, task, info = state.spec, state.cfg, state.task, state.info
+    # the data first: its start-up (split coordinator, first blocks) runs beside DDP and the tracker
+    shard = ray.train.get_dataset_shard("train")
+    state.val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
+    state.data = Prefetch(batches(shard, spec, task, state.epoch, spec.hold_train_shard_mb if cfg.train_materialized else 0.0),
+                          depth=max(2, spec.grad_accum_steps), name=f"batches-rank{state.rank}")
     state.model = ray.train.torch.prepare_model(state.base)
     if state.adversary is not None:
         state.adversary.distribute(ray.train.torch.prepare_model)
@@ -275,8 +283,6 @@ def start(state: TrainState) -> None:
         state.tracker.log_params(state.choice.to_params())
         if state.run_params:
             state.tracker.log_params(state.run_params)
-    shard = ray.train.get_dataset_shard("train")
-    state.val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     unit_name, units = task.units_per_sample(info)
     state.throughput = Throughput(
         flops=unwrap_model(state.base).flops_per_sample(task.inputs(task.example_batch(info, 1))[0]),
@@ -284,7 +290,7 @@ def start(state: TrainState) -> None:
         peak=cfg.peak_for(state.choice.precision))
     state.fault = fault_plan(spec)
     state.meter = Meter()
-    state.data = batches(shard, spec, task, state.epoch, spec.hold_train_shard_mb if cfg.train_materialized else 0.0)
+    state.started_at = state.meter.t0
     state.model.train()
 
 
@@ -294,7 +300,9 @@ def _next_micro_batches(state: TrainState) -> List[Dict[str, torch.Tensor]]:
     for _ in range(state.spec.grad_accum_steps):
         t_wait = time.perf_counter()
         epoch, batch = next(state.data)
-        state.meter.wait += time.perf_counter() - t_wait
+        t_wait = time.perf_counter() - t_wait
+        state.meter.wait += t_wait
+        state.wait_total += t_wait
         if epoch != state.epoch:
             state.epoch, state.batches_in_epoch = epoch, 0
         state.batches_in_epoch += 1
@@ -405,7 +413,9 @@ def report(state: TrainState) -> None:
 
     spec, tp = state.spec, state.throughput
     metrics: Dict[str, Any] = {"step": state.step, "epoch": state.epoch, "model_gflops": tp.flops / 1e9,
-                               "model_params_m": tp.n_params / 1e6, **state.last_eval, **state.last_train}
+                               "model_params_m": tp.n_params / 1e6, **state.last_eval, **state.last_train,
+                               # the share of the whole run so far (data_wait_share: of the last log window)
+                               "data_wait_share_total": state.wait_total / max(time.perf_counter() - state.started_at, 1e-9)}
     checkpoint = None
     if state.rank == 0:  # our own folder first, then the same directory is handed to Ray Train
         path = commit_checkpoint(state.cfg.checkpoints_root, spec.keep_checkpoints, step=state.step, epoch=state.epoch,
@@ -447,17 +457,22 @@ def train_loop_per_worker(config: Union[WorkerConfig, Mapping[str, Any]]) -> Dic
     """One worker's training. ``config``: a WorkerConfig or its to_dict() (what the driver hands Ray Train)."""
     state = setup(WorkerConfig.coerce(config))
     resume(state)
-    start(state)
-    spec = state.spec
-    while state.step < spec.steps:
-        train_step(state)
-        inject_fault(state)
-        if state.step % spec.log_every_n_steps == 0 or state.step == spec.steps:
-            log_train(state)
-        if state.step % spec.eval_every_n_steps == 0 and state.step < spec.steps:
-            validate(state)
-        if state.step % spec.checkpoint_every_n_steps == 0 and state.step < spec.steps:
-            report(state)
-    validate(state, final=True)
-    report(state)
-    return finish(state)
+    try:
+        start(state)
+        spec = state.spec
+        while state.step < spec.steps:
+            train_step(state)
+            inject_fault(state)
+            if state.step % spec.log_every_n_steps == 0 or state.step == spec.steps:
+                log_train(state)
+            if state.step % spec.eval_every_n_steps == 0 and state.step < spec.steps:
+                validate(state)
+            if state.step % spec.checkpoint_every_n_steps == 0 and state.step < spec.steps:
+                report(state)
+        state.data.close()  # nothing more to read: the final evaluation and report have the CPU
+        validate(state, final=True)
+        report(state)
+        return finish(state)
+    finally:
+        if state.data is not None:
+            state.data.close()
