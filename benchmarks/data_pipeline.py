@@ -239,8 +239,7 @@ def main() -> int:
     from heygen_ray.train.precision import cpu_flags
 
     cores = os.cpu_count() or 1
-    # first, on a Ray of its own, as a training job has one: run after the other cases in their Ray, the
-    # first batch waited seconds longer (9.1 % of the run, against 0.07-0.09 % in three fresh Rays)
+    # first, on a Ray of its own, as a training job has one (not after the other cases in their Ray)
     trainer = trainer_case(args, tempfile.mkdtemp(prefix="hr-bench-trainer-")) if args.trainer_steps > 0 else None
     work = tempfile.mkdtemp(prefix="hr-bench-data-")
     synth = SynthSpec(output_dir=work, num_clips=args.clips, frames=args.frames, height=args.size, width=args.size,
