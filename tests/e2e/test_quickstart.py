@@ -194,7 +194,7 @@ def test_text_to_video_draws_the_caption_and_is_judged(quickstart):
     direction in 25% / 42% / 52% / 54% of the generated clips at steps 80 / 160 / 240 / 320 (means;
     chance 6.25%; at step 320 the runs spread 53-60%) and the caption's direction in 99-100% (chance
     25%), while PSNR climbs to 19.5 dB (the mean clip: 18.7 dB). At 2 x 8 per step the same 320 steps
-    spread 28-50% over eight runs, too close to the bar. Colour needs the quickstart's size and steps
+    spread 29-50% over seven runs, too close to the bar. Colour needs the quickstart's size and steps
     (README). The judge itself knows every real clip, and the colour check every real object."""
     res = quickstart["text_to_video"]
     m = res["metrics"]
