@@ -140,9 +140,11 @@ def hd_case(args, cores: int, work: str) -> dict:
 
 def trainer_case(args, work: str) -> dict:
     """The quickstart classifier's data-wait share (see the module docstring)."""
+    import ray
     import yaml
 
-    from heygen_ray.config import TrainSpec, load_spec
+    from heygen_ray.config import RaySpec, TrainSpec, load_spec
+    from heygen_ray.runtime import init_ray
     from heygen_ray.train.driver import run_training
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,11 +154,6 @@ def trainer_case(args, work: str) -> dict:
         # the pipeline's data set, the training config's own video settings (as the pipeline runs it)
         f"data.synth={json.dumps(synth)}", f"steps={args.trainer_steps}",
         f"run_dir={work}/runs", "tracking.enabled=false"])
-    import ray
-
-    from heygen_ray.config import RaySpec
-    from heygen_ray.runtime import init_ray
-
     init_ray(RaySpec(num_cpus=os.cpu_count() or 1))  # a Ray of its own, as a training job has
     try:
         out = run_training(spec).to_dict()

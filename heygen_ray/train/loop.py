@@ -300,9 +300,9 @@ def _next_micro_batches(state: TrainState) -> List[Dict[str, torch.Tensor]]:
     for _ in range(state.spec.grad_accum_steps):
         t_wait = time.perf_counter()
         epoch, batch = next(state.data)
-        t_wait = time.perf_counter() - t_wait
-        state.meter.wait += t_wait
-        state.wait_total += t_wait
+        waited = time.perf_counter() - t_wait
+        state.meter.wait += waited
+        state.wait_total += waited
         if epoch != state.epoch:
             state.epoch, state.batches_in_epoch = epoch, 0
         state.batches_in_epoch += 1
@@ -469,10 +469,9 @@ def train_loop_per_worker(config: Union[WorkerConfig, Mapping[str, Any]]) -> Dic
                 validate(state)
             if state.step % spec.checkpoint_every_n_steps == 0 and state.step < spec.steps:
                 report(state)
-        state.data.close()  # nothing more to read: the final evaluation and report have the CPU
         validate(state, final=True)
         report(state)
         return finish(state)
     finally:
-        if state.data is not None:
+        if state.data is not None:  # the read-ahead thread stops with the loop, however it ends
             state.data.close()
