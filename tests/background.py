@@ -56,13 +56,14 @@ class Chains:
             raise RuntimeError(f"no background chain was started for {name} (does it define background_chain?)")
         return self._futures[name].result()
 
-    def run(self, argv: Sequence[str], *, cwd, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: Sequence[str], *, cwd, timeout: float, env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """``subprocess.run(argv, capture_output=True, text=True)`` in its own process group, killed
         (group and all: its Ray too) on timeout or when the session stops. The process starts its own
-        local Ray: no RAY_ADDRESS, auth off (as in the session), one inductor compile thread."""
+        local Ray: no RAY_ADDRESS, auth off (as in the session), one inductor compile thread; ``env``
+        adds variables to the session's environment."""
         if self._stopping:
             raise RuntimeError("the test session is stopping")
-        env = dict(os.environ, RAY_AUTH_MODE="disabled", TORCHINDUCTOR_COMPILE_THREADS="1")
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TORCHINDUCTOR_COMPILE_THREADS": "1", **(env or {})}
         env.pop("RAY_ADDRESS", None)
         proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)

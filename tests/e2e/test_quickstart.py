@@ -5,11 +5,10 @@ each model learns what the embedded data teaches (the other stages at --smoke-te
 run answers two questions:
 
 - the plumbing: every stage runs, MLflow holds one pipeline run with a child per stage, champions are
-  aliased, and a second submission skips the finished stages (checked through the ledger) and resumes
-  a training the ledger shows unfinished, in the same MLflow run (the module's last test);
+  aliased, `heygen-ray evaluate` scores the registered classifier like its training did, and a second
+  submission skips every finished stage (checked through the ledger);
 - the learning, on 2 DDP workers: the frame-difference classifier -> the video-text matcher
-  warm-started from it -> text-to-video on the matcher's frozen text tower, judged by the classifier;
-  `heygen-ray evaluate` scores the registered classifier like its training did.
+  warm-started from it -> text-to-video on the matcher's frozen text tower, judged by the classifier.
 
 Thresholds come from the curves measured at these sizes (written beside each) and sit far above chance."""
 
@@ -18,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -59,8 +57,9 @@ def learning_sizes(entry: str) -> str:
 
 
 def background_chain(tmp: Path) -> dict:
-    """The first submission, started with the session (tests/background.py): its minutes overlap the
-    rest of the suite. The module's tests (run last) assert on it; the resubmission is the last test."""
+    """Everything this module runs, started with the session (tests/background.py) so that its
+    minutes overlap the rest of the suite: the first submission, `heygen-ray evaluate` on the model it
+    registered, then the same submission again. The module's tests (run last) assert on the results."""
     out = tmp / "runs"
     common = [f"output_dir={out}", f"data.synth.output_dir={tmp}/data", *[f"data.{o}" for o in DATA],
               *[learning_sizes(e) for e in LEARN],
@@ -72,7 +71,25 @@ def background_chain(tmp: Path) -> dict:
     res = json.loads((out / "results.json").read_text())
     # each training's own results (the whole TrainResult: curves, train loss, precision)
     trained = {e: json.loads((Path(res["stages"][f"train.{e}"]["run_dir"]) / "results.json").read_text()) for e in LEARN}
-    return {"tmp": tmp, "out": out, "common": common, "r": r, "res": res, "uri": res["tracking_uri"], **trained}
+    ledger = json.loads((out / "ledger.json").read_text())["units"]
+    done = {"tmp": tmp, "out": out, "r": r, "res": res, "ledger": ledger, "uri": res["tracking_uri"], **trained}
+    done["evaluate"] = evaluate_cli(tmp, res["tracking_uri"])
+    done["resubmitted"] = run(*common)
+    return done
+
+
+def evaluate_cli(tmp: Path, uri: str) -> dict:
+    """`heygen-ray evaluate` on the validation split of the pipeline's data: the registered classifier,
+    then a model that does not exist."""
+    data, out = tmp / "evaluate_data.yaml", tmp / "evaluate_metrics.json"
+    data.write_text(load_spec(DataSpec, None, [f"synth.output_dir={tmp}/data", *DATA]).to_yaml())
+    cli = os.path.join(os.path.dirname(sys.executable), "heygen-ray")
+    env = {"MLFLOW_TRACKING_URI": uri}
+    ok = CHAINS.run([cli, "evaluate", "--model", "models:/video_classifier@champion", "--data", str(data),
+                     "--split", "val", "-o", str(out)], cwd=REPO, env=env, timeout=600)
+    bad = CHAINS.run([cli, "evaluate", "--model", "models:/nope@champion", "--data", str(data)], cwd=REPO, env=env,
+                     timeout=300)
+    return {"ok": ok, "metrics": json.loads(out.read_text()) if ok.returncode == 0 else None, "bad": bad}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +108,7 @@ def test_every_stage_ran_with_a_summary_and_where_to_look(quickstart):
     assert all(row["status"] == "ran" for row in res["summary"]), res["summary"]
     assert res["stages"]["serve"]["running"] is False  # --smoke-test: Serve shut down after its smoke requests
     assert res["stages"]["tune"]["trials"] == 2  # the quickstart's tune.smoke_overrides over the sweep's smoke sizes
-    ledger = json.loads((quickstart["out"] / "ledger.json").read_text())["units"]
+    ledger = quickstart["ledger"]  # as the first submission left it
     assert all(ledger[u]["status"] == "finished" and ledger[u]["key"] for u in units)
     for column in ("stage", "status", "key metric", "seconds"):
         assert column in r.stdout  # the summary table
@@ -207,50 +224,40 @@ def test_text_to_video_draws_the_caption_and_is_judged(quickstart):
     assert m["val_ema_judge_real_accuracy"] >= 0.9 and m["val_ema_colour_real_accuracy"] >= 0.9, m
 
 
-def test_evaluate_cli_scores_a_registered_model_like_its_training(quickstart, tmp_path):
+def test_evaluate_cli_scores_a_registered_model_like_its_training(quickstart):
     """`heygen-ray evaluate` on the validation split gives the training's own final validation metrics
     (in the precision the training validated with, which the model records)."""
-    data = tmp_path / "data.yaml"
-    spec = load_spec(DataSpec, None, [f"synth.output_dir={quickstart['tmp']}/data", *DATA])
-    data.write_text(spec.to_yaml())
-    out = tmp_path / "metrics.json"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": quickstart["uri"]}
-    cli = os.path.join(os.path.dirname(sys.executable), "heygen-ray")
-    r = subprocess.run([cli, "evaluate", "--model", "models:/video_classifier@champion", "--data", str(data),
-                        "--split", "val", "-o", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    got = json.loads(out.read_text())
+    ev = quickstart["evaluate"]
+    assert ev["ok"].returncode == 0, ev["ok"].stdout + ev["ok"].stderr
+    got = ev["metrics"]
     train = quickstart["video_classifier"]
     assert got["task"] == "video_classification" and got["version"] == "1" and got["rows"] == 72
     assert got["precision"] == train["precision"]  # validated as its training did
     assert got["metrics"]["accuracy"] == pytest.approx(train["metrics"]["val_ema_accuracy"], abs=1e-9)
     assert got["metrics"]["loss"] == pytest.approx(train["metrics"]["val_ema_loss"], rel=1e-5)
     # a bad --model is a config error (exit 2) that names it
-    r = subprocess.run([cli, "evaluate", "--model", "models:/nope@champion", "--data", str(data)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--model" in r.stderr and "nope" in r.stderr
+    bad = ev["bad"]
+    assert bad.returncode == 2 and "--model" in bad.stderr and "nope" in bad.stderr
 
 
-# -- last: the second submission (it changes the ledger and resumes a training) ----------------
+# -- the second submission ----------------------------------------------------------------------
 
 
-def test_resubmission_skips_the_finished_stages_and_resumes_an_unfinished_training(quickstart):
-    """The same spec again -> every stage but serve skipped; one training marked unfinished (as if the
-    job died after its last checkpoint) resumes in its own MLflow run."""
-    out = quickstart["out"]
-    ledger = json.loads((out / "ledger.json").read_text())["units"]
-    t2v_run = ledger["train.text_to_video"]["outputs"]["mlflow_run_id"]
-    ledger["train.text_to_video"]["status"] = "running"
-    ledger["train.text_to_video"]["mlflow_run_id"] = t2v_run
-    (out / "ledger.json").write_text(json.dumps({"version": 1, "units": ledger}))
-    r2 = run(*quickstart["common"])
+def test_resubmission_skips_every_finished_stage(quickstart):
+    """The same spec again -> every stage skipped through the ledger (the trainings keep their MLflow
+    runs and registered versions), and serve, which is a running service rather than an output, runs
+    again. (A training stopped mid-run and resumed by a resubmission: tests/e2e/test_job_submit.py.)"""
+    out, ledger = quickstart["out"], quickstart["ledger"]
+    r2 = quickstart["resubmitted"]
     assert r2.returncode == 0, r2.stdout[-4000:] + r2.stderr[-4000:]
     res2 = json.loads((out / "results.json").read_text())
     status = {row["stage"]: row["status"] for row in res2["summary"]}
     assert status == {"data": "skipped", "train.video_classifier": "skipped", "train.video_text_matching": "skipped",
-                      "train.text_to_video": "resumed", "tune": "skipped", "compress": "skipped",
+                      "train.text_to_video": "skipped", "tune": "skipped", "compress": "skipped",
                       "evaluate.test": "skipped", "evaluate.unseen": "skipped", "serve": "ran"}, status
     ledger2 = json.loads((out / "ledger.json").read_text())["units"]
-    assert ledger2["train.text_to_video"]["status"] == "finished" and ledger2["train.text_to_video"]["resumed"]
-    assert ledger2["train.text_to_video"]["outputs"]["mlflow_run_id"] == t2v_run
-    assert ledger2["compress"]["finished_at"] == ledger["compress"]["finished_at"]  # untouched
+    for unit in status:
+        if unit != "serve":  # untouched: same outputs, same finishing time
+            assert ledger2[unit]["finished_at"] == ledger[unit]["finished_at"], unit
+            assert ledger2[unit]["outputs"] == ledger[unit]["outputs"], unit
+    assert res2["stages"]["train.text_to_video"]["mlflow_run_id"] == quickstart["text_to_video"]["mlflow_run_id"]
