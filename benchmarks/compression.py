@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 
@@ -24,14 +23,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-def cpu_flags() -> list:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return []
-    return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f")))
 
 
 def summarize(out: dict) -> list:
@@ -86,10 +77,11 @@ def main(argv=None) -> int:
     keep = ("quality", "quality_delta", "params", "size_bytes", "flops_per_sample", "p50_ms_bs1", "p95_ms_bs1",
             "p50_ms_bs8", "p95_ms_bs8", "throughput_bs8", "speedup_bs1_vs_fp32", "speedup_bs1_vs_bf16",
             "speedup_bs8_vs_fp32", "speedup_bs8_vs_bf16", "passes_gate")
+    from heygen_ray.hostcache import machine_info
+
     out = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "flags": cpu_flags(),
-                    "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": load_after},
+        "machine": {**machine_info(), "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": load_after},
         "config": os.path.relpath(args.config, REPO), "overrides": args.overrides, "model": res["model"],
         "metric": res["metric"], "eval_rows": res["eval_rows"], "prune": {k: v for k, v in res["prune"].items()},
         "final_variant": res["final_variant"],

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -232,8 +231,8 @@ def main() -> int:
     from heygen_ray.data.decode import decode_clip
     from heygen_ray.data.synthetic import generate_dataset
     from heygen_ray.data.video import VideoPipeline
+    from heygen_ray.hostcache import machine_info
     from heygen_ray.runtime import init_ray
-    from heygen_ray.train.precision import cpu_flags
 
     cores = os.cpu_count() or 1
     # first, on a Ray of its own, as a training job has one (not after the other cases in their Ray)
@@ -294,8 +293,7 @@ def main() -> int:
     result = {
         "benchmark": "data_pipeline",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": cores, "python": platform.python_version(), "ray": ray.__version__,
-                    "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("amx", "avx512", "avx2")))},
+        "machine": {**machine_info(), "ray": ray.__version__},
         "workload": {"clips": len(paths), "source": f"{args.frames}x{args.size}x{args.size} H.264 mp4",
                      "decoded": f"{T}x{S}x{S}x3 uint8", "mean_file_bytes": gen.total_bytes // len(paths),
                      "decode_batch_size": args.decode_batch_size},

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import sys
 import time
@@ -86,28 +85,6 @@ def measure(name: str, overrides: Dict[str, Any], batch: int, warmup: int, iters
     return row
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def cpu_isa_flags() -> List[str]:
-    """The CPU's matrix/vector ISA extensions that decide bf16 speed (AMX tiles vs AVX-512 BF16)."""
-    wanted = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split() if f in wanted)
-    except OSError:
-        pass
-    return []
-
-
 def summarize(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The benchmark's rows for benchmarks/RESULTS.md (see benchmarks/summary.py), from its results dict.
     A measurement without a goal: one row per family at its largest measured size, bf16 autocast against fp32."""
@@ -141,14 +118,14 @@ def main(argv: List[str] | None = None) -> int:
         "micro": {"batch": args.micro_batch, "warmup": 2, "iters": args.iters},
         "base": {"batch": args.base_batch, "warmup": 1, "iters": args.base_iters},
     }
+    from heygen_ray.hostcache import machine_info
+
     report: Dict[str, Any] = {
         "benchmark": "model zoo training step (forward + backward), fp32 vs bf16 autocast, CPU",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "python": platform.python_version(),
-        "cpu": cpu_name(),
-        "cpu_isa_flags": cpu_isa_flags(),
-        "cpu_count": os.cpu_count(),
+        "machine": machine_info(),
         "torch_threads": torch.get_num_threads(),
         "settings": settings,
         "base_overrides": BASE_OVERRIDES,

@@ -22,9 +22,9 @@ recorded with the figures.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -212,8 +212,11 @@ def main() -> int:
     overhead = {k: round(results["latency_serve"][k] - results["latency_in_process"][k], 2) for k in ("p50_ms", "p95_ms", "p99_ms")}
     results["speedup_batched_vs_unbatched"] = round(speedup, 2)
     results["serve_overhead_ms"] = overhead
-    results["setup"] = {"model": MODEL, "overrides": OVERRIDES, "clip": list(CLIP), "replicas": 1, "replica_num_cpus": 0.25,
-                        "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+    results["setup"] = {"model": MODEL, "overrides": OVERRIDES, "clip": list(CLIP), "replicas": 1, "replica_num_cpus": 0.25}
+    from heygen_ray.hostcache import machine_info
+
+    results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["machine"] = machine_info()
     results["summary"] = [
         {"measure": "classify requests/s at concurrency 32, dynamic batching vs none (same model and replicas)",
          "anchor": f"no batching: {results['unbatched']['rps']} req/s", "goal": ">= 3x",

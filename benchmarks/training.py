@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -212,11 +211,12 @@ def main() -> int:
     import torch
 
     cpus = os.cpu_count() or 1
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    from heygen_ray.hostcache import machine_info
+
+    machine = machine_info()
     result = {
         "benchmark": "training", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": cpus, "python": platform.python_version(), "torch": torch.__version__,
-                    "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags},
+        "machine": {**machine, "amx": "amx_bf16" in machine["flags"], "avx512_bf16": "avx512_bf16" in machine["flags"]},
         "model": MODEL, "batch": BATCH, "seq_len": SEQ,
     }
     if "ray_vs_torchrun" not in skip:

@@ -12,13 +12,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 
 def cache_root() -> str:
     """The per-user cache folder (``$HEYGEN_RAY_CACHE`` or ``~/.cache/heygen_ray``)."""
     return os.environ.get("HEYGEN_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "heygen_ray")
+
+
+def read_cpuinfo(cpuinfo: str = "/proc/cpuinfo") -> Tuple[str, FrozenSet[str]]:
+    """(CPU model name, feature flags) from Linux's /proc/cpuinfo (x86 "flags", Arm "Features");
+    ("", empty) where the file does not exist."""
+    model, flags = "", None
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and flags is None:
+                    flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags or frozenset()
 
 
 def host_identity(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
@@ -27,20 +46,56 @@ def host_identity(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
 
     import torch
 
-    model, flags = "", ""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = hashlib.sha256(" ".join(sorted(value.split())).encode()).hexdigest()[:16]
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return {"cpu": model, "flags": flags, "cores": os.cpu_count(), "torch": torch.__version__}
+    model, flags = read_cpuinfo(cpuinfo)
+    digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16] if flags else ""
+    return {"cpu": model or platform.processor() or platform.machine(), "flags": digest, "cores": os.cpu_count(),
+            "torch": torch.__version__}
+
+
+# The CPU features that decide how fast low-precision matmuls run: AMX tiles (bf16 and int8, several
+# times the AVX-512 rate), AVX-512 bf16 dot products, VNNI int8 dot products, and the vector widths.
+MATMUL_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimd",
+                "bf16", "i8mm")
+
+
+def short_cpu_name(model: str) -> str:
+    """"Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz" -> "Intel Xeon Platinum 8481C"."""
+    name = re.sub(r"\((R|TM|tm|r)\)", "", model or "")
+    name = re.sub(r"\bCPU\b.*$|\bProcessor\b|\b\d+-Core\b", "", name)
+    return " ".join(name.split())
+
+
+def machine_kind(flags: Iterable[str], cores: Optional[int] = None, cpu: str = "") -> str:
+    """A short name for the class of machine a benchmark ran on: cores, CPU, and what decides its
+    low-precision speed, e.g. "2-core Intel Xeon, AMX (bf16, int8)" or "2-core AMD EPYC, AVX-512 bf16,
+    no AMX" (benchmark goals such as "bf16 >= 2x" apply to one kind only, and two CPUs with the same
+    flags can still differ: bf16 without AMX was 0.6x fp32 on one Xeon and 1.4x on an EPYC)."""
+    f = set(flags)
+    name = short_cpu_name(cpu)
+    prefix = " ".join(p for p in (f"{cores}-core" if cores else "", name or "CPU") if p)
+    if not f:
+        return f"{prefix}, CPU flags unknown"
+    if "amx_bf16" in f or "amx_tile" in f:
+        kinds = [k for k, flag in (("bf16", "amx_bf16"), ("int8", "amx_int8")) if flag in f]
+        return f"{prefix}, AMX ({', '.join(kinds) or 'tiles'})"
+    if "avx512_bf16" in f:
+        return f"{prefix}, AVX-512 bf16, no AMX"
+    if "bf16" in f:  # Arm (Neoverse and later): BFMMLA
+        return f"{prefix}, bf16 matmul instructions"
+    return f"{prefix}, no hardware bf16" + (" (VNNI int8)" if {"avx512_vnni", "avx_vnni"} & f else "")
+
+
+def machine_info(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
+    """What a benchmark result records about the machine: CPU model, cores, the matmul-relevant flags,
+    the kind (:func:`machine_kind`), and the Python and torch versions."""
+    import platform
+
+    import torch
+
+    model, flags = read_cpuinfo(cpuinfo)
+    cores, cpu = os.cpu_count(), model or platform.processor() or platform.machine()
+    return {"kind": machine_kind(flags, cores, cpu), "cpu": cpu, "cores": cores,
+            "flags": [f for f in MATMUL_FLAGS if f in flags], "python": platform.python_version(), "torch": torch.__version__}
 
 
 def _entry_path(kind: str, key: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:

@@ -51,14 +51,9 @@ class PrecisionChoice:
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> FrozenSet[str]:
     """The CPU feature flags (Linux /proc/cpuinfo); empty where that file does not exist."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    from heygen_ray.hostcache import read_cpuinfo
+
+    return read_cpuinfo(path)[1]
 
 
 def bf16_cpu_support(flags: FrozenSet[str]) -> Optional[str]:

@@ -22,7 +22,8 @@ def row(measure, met, goal=">= 2x", measured="2.5x", anchor="fp32"):
 def test_table_from_sample_results_with_a_file_lacking_a_summary(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    (results / "b_speed.json").write_text(json.dumps({"date": "2026-11-29T10:00:00+00:00", "summary": [
+    (results / "b_speed.json").write_text(json.dumps({"date": "2026-11-29T10:00:00+00:00", "machine": {
+        "kind": "2-core Intel Xeon, AMX (bf16, int8)"}, "summary": [
         row("speed-up | bs1", True), row("speed-up bs8", False, measured="1.2x")]}))
     (results / "a_quality.json").write_text(json.dumps({"date": "2026-11-28T09:00:00", "summary": [
         row("accuracy", None, goal="none (measurement)", measured="0.91")]}))
@@ -35,9 +36,9 @@ def test_table_from_sample_results_with_a_file_lacking_a_summary(tmp_path):
     text = out.read_text()
     table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
     assert table == [
-        "| a_quality | accuracy | fp32 | none (measurement) | 0.91 | n/a | 2026-11-28 |",
-        "| b_speed | speed-up \\| bs1 | fp32 | >= 2x | 2.5x | yes | 2026-11-29 |",
-        "| b_speed | speed-up bs8 | fp32 | >= 2x | 1.2x | **no** | 2026-11-29 |",
+        "| a_quality | not recorded | accuracy | fp32 | none (measurement) | 0.91 | n/a | 2026-11-28 |",
+        "| b_speed | 2-core Intel Xeon, AMX (bf16, int8) | speed-up \\| bs1 | fp32 | >= 2x | 2.5x | yes | 2026-11-29 |",
+        "| b_speed | 2-core Intel Xeon, AMX (bf16, int8) | speed-up bs8 | fp32 | >= 2x | 1.2x | **no** | 2026-11-29 |",
     ]
     assert "1 of 2 goals met" in text
     assert "`c_old.json` skipped: no \"summary\"" in text
@@ -71,3 +72,26 @@ def test_shipped_results_carry_the_summary_their_benchmark_derives(name):
     rows = summary.load_benchmark(name).summarize(data)
     assert rows and data["summary"] == rows
     assert all(set(r) == set(summary.FIELDS) and r["met"] in (True, False, None) for r in rows)
+
+
+@pytest.mark.parametrize("data, kind", [
+    ({"machine": {"kind": "2-core AMD EPYC, AVX-512 bf16, no AMX", "flags": []}}, "2-core AMD EPYC, AVX-512 bf16, no AMX"),
+    # files written before the machine record: the kind from the flags each benchmark kept
+    ({"cpu": "Intel(R) Xeon(R) Processor", "cpu_isa_flags": ["avx2", "avx512_bf16"], "cpu_count": 2},
+     "2-core Intel Xeon, AVX-512 bf16, no AMX"),
+    ({"machine": {"cpu": "x86_64", "cpus": 2, "flags": ["amx_bf16", "amx_int8", "avx512f"]}}, "2-core CPU, AMX (bf16, int8)"),
+    ({"machine": {"cpus": 4, "cpu_flags": ["avx2"]}}, "4-core CPU, no hardware bf16"),
+    ({"machine": {"cpus": 2, "amx": False, "avx512_bf16": True}}, "2-core CPU, AVX-512 bf16, no AMX"),
+    ({"machine": {"cpus": 2, "amx": True, "avx512_bf16": True}}, "2-core CPU, AMX (bf16)"),
+    ({"setup": {"machine": "x86_64"}}, "not recorded"),
+])
+def test_each_row_names_the_kind_of_machine_it_was_measured_on(data, kind):
+    assert summary.machine_of(data) == kind
+
+
+def test_every_benchmark_records_the_machine_record():
+    """Each benchmark script writes heygen_ray.hostcache.machine_info() as its "machine" (so the next
+    rerun of any of them shows its machine's kind in RESULTS.md)."""
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        if script.name != "summary.py":
+            assert "machine_info()" in script.read_text(), script.name

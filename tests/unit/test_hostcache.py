@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from heygen_ray.hostcache import cache_root, cached_measure, host_identity
+from heygen_ray.hostcache import cache_root, cached_measure, host_identity, machine_info, machine_kind, short_cpu_name
 
 
 @pytest.fixture
@@ -54,3 +54,24 @@ def test_the_host_is_part_of_the_key(tmp_path):
     ia, ib = host_identity(str(a)), host_identity(str(b))
     assert ia["cpu"] == ib["cpu"] == "CPU A" and ia["flags"] != ib["flags"]
     assert host_identity(str(tmp_path / "missing"))["cpu"]  # no /proc/cpuinfo: the platform's name
+
+
+@pytest.mark.parametrize("flags, kind", [
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8", "2-core Intel Xeon Platinum 8481C, AMX (bf16, int8)"),
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", "2-core Intel Xeon Platinum 8481C, AVX-512 bf16, no AMX"),
+    ("fpu avx2 avx_vnni", "2-core Intel Xeon Platinum 8481C, no hardware bf16 (VNNI int8)"),
+    ("fpu avx2", "2-core Intel Xeon Platinum 8481C, no hardware bf16"),
+])
+def test_the_machine_record_names_what_decides_low_precision_speed(tmp_path, monkeypatch, flags, kind):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    got = machine_info(str(info))
+    assert got["kind"] == kind and got["cores"] == 2 and got["cpu"].startswith("Intel(R) Xeon(R) Platinum 8481C")
+    assert set(got["flags"]) <= set(flags.split()) and "fpu" not in got["flags"] and got["torch"] and got["python"]
+
+
+def test_machine_kind_without_flags_or_a_model_name():
+    assert machine_kind([], 2, "") == "2-core CPU, CPU flags unknown"
+    assert machine_kind(["asimd", "bf16", "i8mm"], 4, "Neoverse-V1") == "4-core Neoverse-V1, bf16 matmul instructions"
+    assert short_cpu_name("AMD EPYC 7B13 64-Core Processor") == "AMD EPYC 7B13"
