@@ -32,6 +32,15 @@ def summarize(out: dict) -> list:
     fastest = reached["fastest_student_variant"]
     clip_points = 100 / out["eval_rows"]  # one test clip, in accuracy points
     delta = reached["final_accuracy_delta"] * 100
+    breakdown = [
+        {"measure": f"where one batch-1 call goes, {name}: compute operators (conv/matmul) / other operators / "
+                    "outside operators (glue, or a compiled graph's fused kernels)",
+         "anchor": f"its profiled time ({b['profiled_ms']:.2f} ms; unprofiled {b['wall_ms']:.2f} ms)",
+         "goal": "none (measurement)",
+         "measured": f"{b['compute_share']:.0%} / {b['other_ops_share']:.0%} / {b['outside_ops_share']:.0%}, "
+                     f"{b['op_calls_per_forward']:g} operator calls",
+         "met": None}
+        for name, b in ((n, variants[n].get("batch1_breakdown")) for n in ("teacher_fp32", final)) if b]
     return [
         {"measure": f"batch-1 p50 latency speed-up, final variant ({final})",
          "anchor": f"teacher fp32 ({fp32['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_fp32']:g}x",
@@ -50,7 +59,7 @@ def summarize(out: dict) -> list:
          "measured": f"{delta:+.1f} points ({out['eval_rows']} test clips: 1 clip = {clip_points:.1f} points)",
          # a goal finer than one test clip cannot be judged on this split
          "met": (delta >= -goals["max_accuracy_drop"] * 100) if clip_points <= goals["max_accuracy_drop"] * 100 else None},
-    ]
+    ] + breakdown
 
 
 def main(argv=None) -> int:
@@ -66,7 +75,7 @@ def main(argv=None) -> int:
 
     work = tempfile.mkdtemp(prefix="heygen_compress_bench_")
     spec = load_spec(CompressSpec, args.config, [f"run_dir={work}/runs", "tracking.enabled=false",
-                                                 "measure.rounds=7", "measure.iters=10", *args.overrides])
+                                                 "measure.rounds=7", "measure.iters=10", "measure.breakdown=true", *args.overrides])
     init_ray(RaySpec(num_cpus=4))
     load_before = os.getloadavg()
     res = run_compression(spec).to_dict()
@@ -76,7 +85,7 @@ def main(argv=None) -> int:
     fastest = min((r for r in res["variants"] if not r["variant"].startswith("teacher")), key=lambda r: r["p50_ms_bs1"])
     keep = ("quality", "quality_delta", "params", "size_bytes", "flops_per_sample", "p50_ms_bs1", "p95_ms_bs1",
             "p50_ms_bs8", "p95_ms_bs8", "throughput_bs8", "speedup_bs1_vs_fp32", "speedup_bs1_vs_bf16",
-            "speedup_bs8_vs_fp32", "speedup_bs8_vs_bf16", "passes_gate")
+            "speedup_bs8_vs_fp32", "speedup_bs8_vs_bf16", "passes_gate", "batch1_breakdown")
     from heygen_ray.hostcache import machine_info
 
     out = {

@@ -109,6 +109,55 @@ def latencies(variants: Mapping[str, Runnable], inputs: Mapping[int, Mapping[str
     return out
 
 
+# Operators that hold the arithmetic (matmuls and convolutions, float or int8); every other operator
+# (reshapes, copies, elementwise, quantize/dequantize) is overhead at batch 1.
+COMPUTE_OPS = ("conv", "linear", "addmm", "mm", "bmm", "matmul", "qconv", "qlinear", "scaled_dot_product", "_int_mm")
+
+
+def time_breakdown(fn: Runnable, inputs: Mapping[str, torch.Tensor], *, iters: int = 20, warmup: int = 3,
+                   top: int = 5) -> Dict[str, Any]:
+    """Where one call's time goes (torch.profiler, CPU): the share in compute operators (COMPUTE_OPS),
+    in every other operator, and outside any operator (Python and dispatch glue, or the fused kernels
+    of a compiled graph, which the profiler does not split), plus operator calls per forward and the
+    ``top`` operators by time. ``wall_ms`` is timed without the profiler; the shares are of the
+    profiled time (``profiled_ms``, which the profiler itself inflates)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(**inputs)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn(**inputs)
+        wall = (time.perf_counter() - t0) / iters * 1e3
+        with profile(activities=[ProfilerActivity.CPU]):  # the profiler's first session is slow: a throwaway one
+            fn(**inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                fn(**inputs)
+    compute = ops = glue = 0.0
+    calls = 0
+    per_op: List[tuple] = []
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1e3 / iters
+        if "::" not in e.key:  # a range (the compiled graph, a module), not an operator
+            glue += ms
+            continue
+        calls += e.count
+        per_op.append((e.key, ms, e.count / iters))
+        if any(k in e.key.split("::", 1)[1] for k in COMPUTE_OPS):
+            compute += ms
+        else:
+            ops += ms
+    total = compute + ops + glue
+    share = (lambda x: round(x / total, 3)) if total > 0 else (lambda x: 0.0)
+    per_op.sort(key=lambda r: -r[1])
+    return {"wall_ms": round(wall, 4), "profiled_ms": round(total, 4), "compute_share": share(compute),
+            "other_ops_share": share(ops), "outside_ops_share": share(glue),
+            "op_calls_per_forward": round(calls / iters, 1),
+            "top_ops": [{"op": k, "ms": round(ms, 4), "calls": round(c, 1)} for k, ms, c in per_op[:top]]}
+
+
 def flops_per_sample(model: Optional[nn.Module], inputs: Mapping[str, torch.Tensor]) -> Optional[int]:
     """The architecture's forward FLOPs per sample (None when the model is not a zoo model)."""
     from heygen_ray.models import ModelBase

@@ -338,6 +338,11 @@ def measure_step(variants: Sequence[Variant], reference: Variant, final: Variant
                                 {1: {k: t[:1] for k, t in data.example.items()}, 8: data.example},
                                 rounds=measure_spec.rounds, iters=measure_spec.iters)
         closeness = measure.agreement(reference.runnable, final.runnable, [data.example])
+        if measure_spec.breakdown:
+            one = {k: t[:1] for k, t in data.example.items()}
+            for v in variants:
+                if v.name in (TEACHER, final.name):
+                    v.row["batch1_breakdown"] = measure.time_breakdown(v.runnable, one)
     finally:
         torch.set_num_threads(threads)
     for v in variants:

@@ -75,6 +75,9 @@ class MeasureSpec(Spec):
     max_eval_rows: int = Field(default=512, ge=1)
     split: Literal["test", "val"] = "test"
     threads: Optional[int] = Field(default=None, ge=1, description="torch threads while measuring (default: all)")
+    breakdown: bool = Field(default=False, description="also profile where one batch-1 call of teacher_fp32 and of "
+                            "the final variant spends its time (compute operators, other operators, outside any; "
+                            "torch.profiler): the variants' batch1_breakdown")
 
 
 class CompressSpec(Spec):

@@ -121,3 +121,28 @@ def test_int8_qat_fine_tune_learns_under_fake_quantization_and_converts(tmp_path
     assert os.path.getsize(quantize.export_pt2(qm, x, str(tmp_path / "qat.pt2"))) > 0
     with pytest.raises(ValueError, match="at least one"):
         quantize.quantize_int8_qat(m, x, [], lambda out, y: out.sum(), steps=1)
+
+
+class _ConvNet(torch.nn.Module):
+    """conv -> relu -> flatten -> linear: two compute operators per call, the rest overhead."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.fc = torch.nn.Linear(width * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_time_breakdown_splits_compute_from_overhead():
+    """The shares partition the profiled time; a wide convolution at batch 8 spends most of it in the
+    compute operators, which are named; every operator of the forward is counted."""
+    torch.manual_seed(0)
+    small = measure.time_breakdown(_ConvNet(2).eval(), {"x": torch.randn(1, 3, 16, 16)}, iters=10)
+    big = measure.time_breakdown(_ConvNet(256).eval(), {"x": torch.randn(8, 3, 16, 16)}, iters=10)
+    for b in (small, big):
+        assert b["compute_share"] + b["other_ops_share"] + b["outside_ops_share"] == pytest.approx(1.0, abs=0.01)
+        assert b["wall_ms"] > 0 and b["profiled_ms"] > 0 and b["op_calls_per_forward"] >= 4  # conv, relu, flatten, linear
+        assert len(b["top_ops"]) <= 5 and all("::" in o["op"] for o in b["top_ops"])
+    assert big["compute_share"] > 0.5 and "conv" in big["top_ops"][0]["op"]

@@ -110,10 +110,13 @@ def test_measure_gate_and_report_steps_fill_and_write_the_rows(chain, tmp_path):
     ws, teacher, data = chain
     pruned, _ = stage.prune_step(teacher, PruneSpec(ratio=0.5), 0, data, ws)
     variants = stage.reference_variants(teacher, pruned, pruned, ["pruned", "teacher_bf16"], ws)
-    close = stage.measure_step(variants, pruned, pruned, MeasureSpec(rounds=1, iters=1), data)
+    close = stage.measure_step(variants, pruned, variants[-1], MeasureSpec(rounds=1, iters=1, breakdown=True), data)
     assert close["top1_agreement"] == 1.0 and close["max_rel_error"] == 0.0  # a variant against itself
     rows = [v.row for v in variants]
     assert [r["variant"] for r in rows] == [stage.TEACHER, "teacher_bf16", "pruned"]
+    # the batch-1 profile of the teacher and of the final variant (here "pruned"), not of the others
+    assert [r["variant"] for r in rows if "batch1_breakdown" in r] == [stage.TEACHER, "pruned"]
+    assert all(r["batch1_breakdown"]["op_calls_per_forward"] > 0 for r in rows if "batch1_breakdown" in r)
     for v in variants:
         assert v.row["artifact"] == v.artifact and v.row["size_bytes"] == os.path.getsize(v.artifact)
         assert v.row["metrics"]["samples"] == 16 and v.row["p50_ms_bs1"] > 0 and v.row["p50_ms_bs8"] > 0
