@@ -41,27 +41,18 @@ def summarize(out: dict) -> list:
                      f"{b['op_calls_per_forward']:g} operator calls",
          "met": None}
         for name, b in ((n, variants[n].get("batch1_breakdown")) for n in ("teacher_fp32", final)) if b]
+
+    def speedup(bs: int, who: str, key: str, anchor: str) -> dict:
+        """The row for ``reached[key]`` (a batch-``bs`` speed-up of ``who``) against teacher ``anchor``."""
+        ref, goal = (fp32, goals["speedup_vs_fp32"]) if anchor == "fp32" else (bf16, goals["speedup_vs_bf16"])
+        return {"measure": f"batch-{bs} p50 latency speed-up, {who}",
+                "anchor": f"teacher {anchor} ({ref[f'p50_ms_bs{bs}']:.2f} ms)", "goal": f">= {goal:g}x",
+                "measured": f"{reached[key]:.2f}x", "met": reached[key] >= goal}
+
     return [
-        {"measure": f"batch-1 p50 latency speed-up, final variant ({final})",
-         "anchor": f"teacher fp32 ({fp32['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_fp32']:g}x",
-         "measured": f"{reached['final_speedup_bs1_vs_fp32']:.2f}x",
-         "met": reached["final_speedup_bs1_vs_fp32"] >= goals["speedup_vs_fp32"]},
-        {"measure": f"batch-1 p50 latency speed-up, final variant ({final})",
-         "anchor": f"teacher bf16 ({bf16['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_bf16']:g}x",
-         "measured": f"{reached['final_speedup_bs1_vs_bf16']:.2f}x",
-         "met": reached["final_speedup_bs1_vs_bf16"] >= goals["speedup_vs_bf16"]},
-        {"measure": f"batch-8 p50 latency speed-up, final variant ({final})",
-         "anchor": f"teacher fp32 ({fp32['p50_ms_bs8']:.2f} ms)", "goal": f">= {goals['speedup_vs_fp32']:g}x",
-         "measured": f"{reached['final_speedup_bs8_vs_fp32']:.2f}x",
-         "met": reached["final_speedup_bs8_vs_fp32"] >= goals["speedup_vs_fp32"]},
-        {"measure": f"batch-8 p50 latency speed-up, final variant ({final})",
-         "anchor": f"teacher bf16 ({bf16['p50_ms_bs8']:.2f} ms)", "goal": f">= {goals['speedup_vs_bf16']:g}x",
-         "measured": f"{reached['final_speedup_bs8_vs_bf16']:.2f}x",
-         "met": reached["final_speedup_bs8_vs_bf16"] >= goals["speedup_vs_bf16"]},
-        {"measure": f"batch-1 p50 latency speed-up, fastest student ({fastest})",
-         "anchor": f"teacher fp32 ({fp32['p50_ms_bs1']:.2f} ms)", "goal": f">= {goals['speedup_vs_fp32']:g}x",
-         "measured": f"{reached['fastest_speedup_bs1_vs_fp32']:.2f}x",
-         "met": reached["fastest_speedup_bs1_vs_fp32"] >= goals["speedup_vs_fp32"]},
+        *(speedup(bs, f"final variant ({final})", f"final_speedup_bs{bs}_vs_{anchor}", anchor)
+          for bs in (1, 8) for anchor in ("fp32", "bf16")),
+        speedup(1, f"fastest student ({fastest})", "fastest_speedup_bs1_vs_fp32", "fp32"),
         {"measure": f"{out['metric']} change, final variant", "anchor": f"teacher fp32 ({fp32['quality']:.3f})",
          "goal": f"<= {goals['max_accuracy_drop'] * 100:g} point drop",
          "measured": f"{delta:+.1f} points ({out['eval_rows']} test clips: 1 clip = {clip_points:.1f} points)",
