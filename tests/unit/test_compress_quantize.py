@@ -136,8 +136,8 @@ class _ConvNet(torch.nn.Module):
 
 
 def test_time_breakdown_splits_compute_from_overhead():
-    """The shares partition the profiled time; a wide convolution at batch 8 spends most of it in the
-    compute operators, which are named; every operator of the forward is counted."""
+    """The shares partition the profiled time; a wide model at batch 8 spends most of it in the compute
+    operators, which are named; every operator of the forward is counted."""
     torch.manual_seed(0)
     small = measure.time_breakdown(_ConvNet(2).eval(), {"x": torch.randn(1, 3, 16, 16)}, iters=10)
     big = measure.time_breakdown(_ConvNet(256).eval(), {"x": torch.randn(8, 3, 16, 16)}, iters=10)
@@ -145,4 +145,6 @@ def test_time_breakdown_splits_compute_from_overhead():
         assert b["compute_share"] + b["other_ops_share"] + b["outside_ops_share"] == pytest.approx(1.0, abs=0.01)
         assert b["wall_ms"] > 0 and b["profiled_ms"] > 0 and b["op_calls_per_forward"] >= 4  # conv, relu, flatten, linear
         assert len(b["top_ops"]) <= 5 and all("::" in o["op"] for o in b["top_ops"])
-    assert big["compute_share"] > 0.5 and "conv" in big["top_ops"][0]["op"]
+    # the conv and the 65,536-input linear hold the time (which one leads varies by machine)
+    assert big["compute_share"] > 0.5 and any("conv" in o["op"] for o in big["top_ops"])
+    assert any(k in big["top_ops"][0]["op"].split("::", 1)[1] for k in measure.COMPUTE_OPS)
