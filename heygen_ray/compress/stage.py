@@ -334,15 +334,14 @@ def measure_step(variants: Sequence[Variant], reference: Variant, final: Variant
             v.row = {"variant": v.name, "metrics": metrics, "params": measure.count_params(runnable_module(fn)),
                      "size_bytes": measure.file_size(v.artifact), "artifact": v.artifact,
                      "flops_per_sample": measure.flops_per_sample(v.source, data.example)}
-        lat = measure.latencies({v.name: v.runnable for v in variants},
-                                {1: {k: t[:1] for k, t in data.example.items()}, 8: data.example},
+        batch1 = {k: t[:1] for k, t in data.example.items()}
+        lat = measure.latencies({v.name: v.runnable for v in variants}, {1: batch1, 8: data.example},
                                 rounds=measure_spec.rounds, iters=measure_spec.iters)
         closeness = measure.agreement(reference.runnable, final.runnable, [data.example])
         if measure_spec.breakdown:
-            one = {k: t[:1] for k, t in data.example.items()}
             for v in variants:
                 if v.name in (TEACHER, final.name):
-                    v.row["batch1_breakdown"] = measure.time_breakdown(v.runnable, one)
+                    v.row["batch1_breakdown"] = measure.time_breakdown(v.runnable, batch1)
     finally:
         torch.set_num_threads(threads)
     for v in variants:
