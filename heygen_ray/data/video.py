@@ -4,10 +4,11 @@
 The manifest (parquet, CSV or JSONL; a local path or any pyarrow URI) is read in the driver, checked,
 and turned into a dataset of rows; :class:`ClipDecoder` decodes each file with the pure functions in
 :mod:`heygen_ray.data.decode`, in plain Ray tasks for a small dataset (:func:`decode_batch`) and in a
-pool of actors for a large one (``video.task_decode_max_rows``). Bad files (missing, truncated, not a video, too
-short with ``short_clips='drop'``) are dropped and counted by a small stats actor; if every file of
-the pipeline is bad, decoding fails with an error that says so. Normalisation to float happens on the
-training worker (:func:`heygen_ray.data.transforms.video_to_float`), so the object store carries uint8.
+pool of actors for a large one (``video.task_decode_max_rows``). Bad files (missing, truncated, not a video,
+too short with ``short_clips='drop'``) are dropped and counted by the cluster's one stats actor
+(:class:`DecodeStats`); if every file of the pipeline is bad, decoding fails with an error that says so.
+Normalisation to float happens on the training worker (:func:`heygen_ray.data.transforms.video_to_float`),
+so the object store carries uint8.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,6 +31,11 @@ from heygen_ray.data.decode import DecodeError, decode_clip
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_PATHS = 5
+# The stats actor: one per cluster, shared by every dataset (see DecodeStats). Versioned, so that a
+# long-lived cluster still running an older one gets a new one rather than a mismatched API.
+STATS_ACTOR = "decode_stats.v2"
+STATS_NAMESPACE = "heygen_ray"
+MAX_TRACKED_DATASETS = 256
 
 
 class AllVideosFailedError(RuntimeError):
@@ -135,43 +144,113 @@ def label_names_for(uri: str, table: "pyarrow.Table") -> Optional[List[str]]:  #
 # --------------------------------------------------------------------------------------------------
 
 
-class DecodeStats:
-    """Ray actor: which rows decoded and which were dropped (unique by row id, so re-reading an epoch
-    does not double count)."""
+@dataclass(frozen=True)
+class StatsKey:
+    """One dataset's entry in the stats actor: its key and sizes (enough to recreate the entry)."""
 
-    def __init__(self, manifest_rows: int, num_rows: int, manifest: str) -> None:
-        self.state = np.zeros(manifest_rows, dtype=np.int8)  # by row id: 0 unseen, 1 ok, 2 dropped
-        self.total = num_rows  # rows in this dataset (one split of the manifest)
-        self.manifest = manifest
-        self.examples: List[Dict[str, str]] = []
-        self.reasons: Dict[str, int] = {}
+    key: str
+    manifest_rows: int  # row ids index the manifest
+    num_rows: int  # rows in this dataset (one split of the manifest)
+    manifest: str
+
+
+class DecodeStats:
+    """Ray actor, one per cluster: for each dataset, which rows decoded and which were dropped (unique
+    by row id, so re-reading an epoch does not double count).
+
+    One shared, detached actor rather than one per dataset: an actor is a process of its own (about
+    1.5 CPU-seconds to start on 2 cores), and every training run builds two or more datasets. A
+    pipeline releases its datasets' entries when it is garbage collected; beyond
+    ``max_datasets`` the least recently used are forgotten (a report recreates its entry)."""
+
+    def __init__(self, max_datasets: int = MAX_TRACKED_DATASETS) -> None:
+        self.max_datasets = max_datasets
+        self.datasets: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+
+    def _entry(self, ref: StatsKey) -> Dict[str, Any]:
+        entry = self.datasets.get(ref.key)
+        if entry is None:
+            entry = self.datasets[ref.key] = {"state": np.zeros(ref.manifest_rows, dtype=np.int8),  # 0 unseen, 1 ok, 2 dropped
+                                              "examples": [], "reasons": {}}
+            while len(self.datasets) > self.max_datasets:
+                self.datasets.popitem(last=False)
+        self.datasets.move_to_end(ref.key)
+        return entry
+
+    def report(self, ref: StatsKey, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
+        """Record a batch; returns True when every row of the dataset has been dropped."""
+        e = self._entry(ref)
+        state = e["state"]
+        state[np.asarray(ok_ids, dtype=np.int64)] = 1
+        for b in bad:
+            if state[b["row_id"]] != 2:
+                state[b["row_id"]] = 2
+                kind = b["reason"].split(":", 1)[0]
+                e["reasons"][kind] = e["reasons"].get(kind, 0) + 1
+                if len(e["examples"]) < MAX_REPORTED_PATHS:
+                    e["examples"].append({"path": b["path"], "reason": b["reason"]})
+        return int((state == 2).sum()) == ref.num_rows
+
+    def summary(self, ref: StatsKey) -> Dict[str, Any]:
+        e = self._entry(ref)
+        return {
+            "rows": ref.num_rows,
+            "decoded": int((e["state"] == 1).sum()),
+            "dropped": int((e["state"] == 2).sum()),
+            "dropped_examples": list(e["examples"]),
+            "dropped_reasons": dict(e["reasons"]),
+        }
+
+    def release(self, keys: List[str]) -> None:
+        for key in keys:
+            self.datasets.pop(key, None)
+
+    def keys(self) -> List[str]:
+        return list(self.datasets)
+
+
+@dataclass(frozen=True)
+class StatsRef:
+    """What a decoder holds: the stats actor and its dataset's key."""
+
+    actor: Any
+    key: StatsKey
 
     def report(self, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
-        """Record a batch; returns True when every row of the pipeline has been dropped."""
-        self.state[np.asarray(ok_ids, dtype=np.int64)] = 1
-        for b in bad:
-            if self.state[b["row_id"]] != 2:
-                self.state[b["row_id"]] = 2
-                kind = b["reason"].split(":", 1)[0]
-                self.reasons[kind] = self.reasons.get(kind, 0) + 1
-                if len(self.examples) < MAX_REPORTED_PATHS:
-                    self.examples.append({"path": b["path"], "reason": b["reason"]})
-        return int((self.state == 2).sum()) == self.total
+        import ray
+
+        # awaited: when the last batch reaches the consumer, the stats hold every batch before it
+        return bool(ray.get(self.actor.report.remote(self.key, ok_ids, bad)))
 
     def summary(self) -> Dict[str, Any]:
-        return {
-            "rows": self.total,
-            "decoded": int((self.state == 1).sum()),
-            "dropped": int((self.state == 2).sum()),
-            "dropped_examples": list(self.examples),
-            "dropped_reasons": dict(self.reasons),
-        }
+        import ray
+
+        return ray.get(self.actor.summary.remote(self.key))
+
+
+def stats_actor() -> Any:
+    """The cluster's `DecodeStats` actor (created by the first caller; restarted, empty, if its node is lost)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DecodeStats).options(
+        name=STATS_ACTOR, namespace=STATS_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+
+
+def _release_stats(actor: Any, keys: List[str]) -> None:
+    """A pipeline's finaliser: drop its datasets' entries (best effort: Ray may already be shut down)."""
+    try:
+        import ray
+
+        if keys and ray.is_initialized():
+            actor.release.remote(list(keys))
+    except Exception:  # noqa: BLE001 (at interpreter exit anything may be gone)
+        pass
 
 
 class ClipDecoder:
     """Opens each file of a batch as a stream (never read whole) and decodes it with PyAV: one clip per
     row, or one per window when rows carry windows or ``clips_per_video`` > 1; reports the batch's
-    decoded and dropped rows to the dataset's `DecodeStats` actor.
+    decoded and dropped rows to the cluster's `DecodeStats` actor (``stats``: a `StatsRef`).
 
     One instance per actor, or per worker process and settings (:func:`decode_batch`): the filesystem
     handles are made once, not once per batch.
@@ -247,11 +326,8 @@ class ClipDecoder:
                 source_frames.append(n)
                 bounds.append((np.nan if a is None else a, np.nan if b is None else b))
             ok_ids.append(int(row_id))
-        all_bad = self._report(ok_ids, bad)
-        if all_bad:
-            import ray
-
-            summary = ray.get(self.stats.summary.remote())
+        if self.stats.report(ok_ids, bad):
+            summary = self.stats.summary()
             examples = "; ".join(f"{e['path']} ({e['reason']})" for e in summary["dropped_examples"])
             raise AllVideosFailedError(
                 f"every one of the {summary['rows']} videos listed in {self.manifest} failed to decode "
@@ -270,12 +346,6 @@ class ClipDecoder:
             out = {k: out[k] for k in self.columns}
         return out
 
-    def _report(self, ok_ids: List[int], bad: List[Dict[str, Any]]) -> bool:
-        import ray
-
-        # awaited: when the last batch reaches the consumer, the stats hold every batch before it
-        return bool(ray.get(self.stats.report.remote(ok_ids, bad)))
-
 
 _DECODERS: Dict[str, ClipDecoder] = {}  # per worker process: settings -> decoder
 
@@ -283,7 +353,7 @@ _DECODERS: Dict[str, ClipDecoder] = {}  # per worker process: settings -> decode
 def decode_batch(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any], sampling: str, stats: Any, manifest: str,
                  columns: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
     """The ``map_batches`` function of a small dataset: decodes ``batch`` with this process's
-    `ClipDecoder` for these settings, reporting to ``stats`` (the dataset's own actor).
+    `ClipDecoder` for these settings, reporting to ``stats`` (a `StatsRef`).
 
     Plain Ray tasks run on Ray's warm worker processes, so decoding starts at once; an actor pool
     first starts a process per decoder (seconds on a small machine, at every execution of the
@@ -294,12 +364,8 @@ def decode_batch(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any], sampling
     decoder = _DECODERS.get(key)
     if decoder is None:
         decoder = _DECODERS[key] = ClipDecoder(spec, sampling, stats, manifest, columns)
-    decoder.stats = stats
-    try:
-        return decoder(batch)
-    finally:
-        # the cached decoder must not keep the dataset's stats actor alive after the dataset is gone
-        decoder.stats = None
+    decoder.stats = stats  # this dataset's (the cached decoder may have served another with the same settings)
+    return decoder(batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +381,8 @@ class VideoPipeline:
     manifest_uri: str = ""
     table: Any = None
     label_names: Optional[List[str]] = None
-    _stats: Dict[str, Any] = field(default_factory=dict)
+    _stats: Dict[str, StatsRef] = field(default_factory=dict)
+    _keys: List[str] = field(default_factory=list)  # every dataset this pipeline built (released with it)
 
     @classmethod
     def from_spec(cls, spec: VideoDataSpec) -> "VideoPipeline":
@@ -362,9 +429,9 @@ class VideoPipeline:
         sampling = self.spec.sampling
         if sampling == "auto":
             sampling = "random" if split == "train" else "uniform"
-        key = split or "all"
-        stats = ray.remote(num_cpus=0)(DecodeStats).remote(int(self.table.num_rows), int(rows.num_rows), self.manifest_uri)
-        self._stats[key] = (stats, rows.num_rows)
+        stats = StatsRef(stats_actor(), StatsKey(uuid.uuid4().hex, int(self.table.num_rows), int(rows.num_rows),
+                                                 self.manifest_uri))
+        self._track(split or "all", stats)
         # One block per decode batch: small blocks keep every decoder busy and memory flat.
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_decoders = self.spec.num_decoders or max(1, int(cpus / self.spec.decoder_num_cpus))
@@ -389,17 +456,21 @@ class VideoPipeline:
             ds = ds.materialize()  # decoded once; every later epoch reads these blocks
         return ds
 
+    def _track(self, split: str, stats: StatsRef) -> None:
+        """Remember ``split``'s latest dataset; its entry (and every earlier one of this pipeline) is
+        released from the stats actor when this pipeline is garbage collected."""
+        if not self._keys:
+            weakref.finalize(self, _release_stats, stats.actor, self._keys)
+        self._keys.append(stats.key.key)
+        self._stats[split] = stats
+
     def stats(self, split: Optional[str] = None) -> Dict[str, Any]:
         """Decode counts for a dataset built by :meth:`dataset` (after it has been consumed)."""
-        import ray
-
         key = split or "all"
         if key not in self._stats:
             raise KeyError(f"no dataset was built for split {key!r}")
-        actor, n_rows = self._stats[key]
-        s = ray.get(actor.summary.remote())
-        s["rows"] = n_rows
-        s["unseen"] = n_rows - s["decoded"] - s["dropped"]
+        s = self._stats[key].summary()
+        s["unseen"] = s["rows"] - s["decoded"] - s["dropped"]
         return s
 
     def warn_dropped(self, split: Optional[str] = None) -> Dict[str, Any]:

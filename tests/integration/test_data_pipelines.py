@@ -146,35 +146,31 @@ def test_cache_decodes_once(ray_session, tiny_dataset):
     assert pipe.stats("train")["decoded"] == len(first)
 
 
-def test_a_dataset_s_stats_actor_ends_with_the_dataset(ray_session, tiny_dataset):
-    """Decoding in tasks reuses a decoder per worker process; it must not keep the stats actor of a
-    dataset that is gone alive (a long session would collect one idle actor process per dataset)."""
+def test_datasets_share_the_cluster_s_stats_actor_and_a_pipeline_releases_its_counts(ray_session, tiny_dataset):
+    """Every dataset reports to one stats actor (not a process per dataset), each under its own key,
+    and a pipeline that is garbage collected releases its entries (a long session does not collect
+    one set of counts per dataset it ever built)."""
     import gc
     import time
 
-    import ray
-
     _, res = tiny_dataset
     spec = VideoDataSpec(manifest=res.manifest, clip_frames=4, height=16, width=16)
-    pipe = VideoPipeline.from_spec(spec)
-    assert len(consume(pipe.dataset("val"))) > 0
-    actor_id = pipe._stats["val"][0]._actor_id.hex()
-
-    address = ray.get_runtime_context().gcs_address  # this session's Ray: others may run beside it
-
-    def alive() -> bool:
-        from ray.util.state import get_actor
-
-        return get_actor(actor_id, address=address).state == "ALIVE"
-
-    assert alive()
-    del pipe
+    a, b = VideoPipeline.from_spec(spec), VideoPipeline.from_spec(spec)
+    n_val = sum(len(x["video"]) for x in consume(a.dataset("val")))
+    n_train = sum(len(x["video"]) for x in consume(b.dataset("train")))
+    assert n_val > 0 and a.stats("val")["decoded"] == n_val and b.stats("train")["decoded"] == n_train  # not mixed
+    ra, rb = a._stats["val"], b._stats["train"]
+    assert ra.actor._actor_id == rb.actor._actor_id and ra.key.key != rb.key.key
+    actor = ra.actor
+    assert {ra.key.key, rb.key.key} <= set(ray_session.get(actor.keys.remote()))
+    gone = ra.key.key
+    del a, ra
     gc.collect()
     deadline = time.monotonic() + 30
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not alive(), "the stats actor outlived its dataset"
-    assert ray.is_initialized()
+    while gone in ray_session.get(actor.keys.remote()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    keys = ray_session.get(actor.keys.remote())
+    assert gone not in keys and rb.key.key in keys, "a collected pipeline's counts were kept (or another's dropped)"
 
 
 def test_time_windows_and_several_clips_per_video_from_one_long_file(ray_session, tmp_path):

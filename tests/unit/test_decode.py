@@ -144,3 +144,28 @@ def test_a_file_is_read_as_a_stream_from_a_path_or_a_pyarrow_file(tmp_path):
         got = decode_clip(f, 4, 16, 16, sampling="uniform", start_s=1.0, end_s=2.0)[0]
     assert got.tolist() == want.tolist()
     assert decode_clip(str(path), 8, 16, 16)[0].tolist() == decode_clip(data, 8, 16, 16)[0].tolist()
+
+
+def test_decode_stats_counts_each_dataset_apart_once_per_row_and_forgets_the_least_recently_used():
+    """The stats actor's bookkeeping, in-process: rows counted once per dataset whatever the epochs,
+    datasets kept apart, the oldest forgotten beyond the cap, a report recreating its entry."""
+    from heygen_ray.data.video import MAX_REPORTED_PATHS, DecodeStats, StatsKey
+
+    st = DecodeStats(max_datasets=2)
+    a, b, c = (StatsKey(k, manifest_rows=10, num_rows=4, manifest="m.parquet") for k in "abc")
+    bad = [{"row_id": 3, "path": "x.mp4", "reason": "truncated: moov atom not found"}]
+    assert st.report(a, [0, 1, 2], bad) is False
+    assert st.report(a, [0, 1, 2], bad) is False  # a second epoch: nothing double counted
+    assert st.summary(a) == {"rows": 4, "decoded": 3, "dropped": 1, "dropped_reasons": {"truncated": 1},
+                             "dropped_examples": [{"path": "x.mp4", "reason": "truncated: moov atom not found"}]}
+    # every row of b dropped: the decoder's cue to fail the pipeline
+    many = [{"row_id": i, "path": f"{i}.mp4", "reason": "missing: file not found"} for i in (4, 5, 6)]
+    assert st.report(b, [], many) is False and st.report(b, [], many + [{**many[0], "row_id": 7}]) is True
+    assert st.summary(b)["dropped"] == 4 and st.summary(a)["decoded"] == 3  # apart
+    assert len(st.summary(b)["dropped_examples"]) == min(4, MAX_REPORTED_PATHS)
+    st.summary(a)  # a is now the most recently used
+    st.report(c, [0], [])
+    assert st.keys() == ["a", "c"]  # b, the least recently used, forgotten
+    assert st.summary(b)["decoded"] == 0 and st.keys() == ["c", "b"]  # recreated empty, a now the oldest
+    st.release(["c", "nope"])
+    assert st.keys() == ["b"]
