@@ -59,6 +59,7 @@ from heygen_ray.config.pipeline import (
 )
 from heygen_ray.config.serve import (
     SERVE_ENDPOINTS,
+    ServeAuthSpec,
     ServeAutoscalingSpec,
     ServeBatchSpec,
     ServeEndpointSpec,
@@ -104,7 +105,7 @@ __all__ = [
     # compress
     "REFERENCE_VARIANTS", "CompressSpec", "DistillSpec", "GateSpec", "MeasureSpec", "PruneSpec", "QuantizeSpec",
     # serve
-    "SERVE_ENDPOINTS", "ServeAutoscalingSpec", "ServeBatchSpec", "ServeEndpointSpec", "ServeLimitsSpec",
+    "SERVE_ENDPOINTS", "ServeAuthSpec", "ServeAutoscalingSpec", "ServeBatchSpec", "ServeEndpointSpec", "ServeLimitsSpec",
     "ServePreprocessSpec", "ServeSpec",
     # pipeline
     "PIPELINE_STAGES", "ChampionGateSpec", "PipelineCompressSpec", "PipelineEvaluateSpec", "PipelineServeSpec",

@@ -96,6 +96,20 @@ class ServeLimitsSpec(Spec):
     max_captions: int = Field(default=32, ge=1, description="captions per /v1/match request")
 
 
+class ServeAuthSpec(Spec):
+    """Bearer tokens (``Authorization: Bearer <token>``), read by each ingress replica from a file (a
+    mounted Kubernetes Secret, say) or else an environment variable of the replica's process, and
+    compared in constant time. The admin token guards ``POST /v1/admin/*``: without one configured,
+    the admin endpoints are off (403). ``inference: true`` makes the model endpoints and
+    ``/v1/models`` require the inference token (or the admin token). ``/healthz`` stays open."""
+
+    admin_token_file: Optional[str] = None
+    admin_token_env: str = Field(default="HEYGEN_RAY_ADMIN_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    inference: bool = Field(default=False, description="model endpoints require a token too")
+    inference_token_file: Optional[str] = None
+    inference_token_env: str = Field(default="HEYGEN_RAY_INFERENCE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class ServeSpec(Spec):
     """The Serve application: HTTP binding, the registry, one endpoint per task, limits, reload."""
 
@@ -115,6 +129,7 @@ class ServeSpec(Spec):
     ingress_num_cpus: float = Field(default=0.1, gt=0.0)
     ingress_replicas: int = Field(default=1, ge=1)
     access_log: bool = Field(default=False, description="Serve's per-request access log lines (CPU on every hop)")
+    auth: ServeAuthSpec = Field(default_factory=ServeAuthSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     def enabled(self) -> List[str]:

@@ -6,7 +6,7 @@
       |-- GenerateModel   POST /v1/videos/generate   text_to_video          @serve.batch
       |-- CompleteModel   POST /v1/text/complete     language_modeling      @serve.batch (left-padded)
       '-- MatchModel      POST /v1/match             video_text_matching    @serve.batch
-    GET /healthz, GET /v1/models, POST /v1/admin/reload
+    GET /healthz, GET /v1/models, POST /v1/admin/reload (admin: a bearer token, :mod:`heygen_ray.serve.auth`)
 
 Each model deployment loads ``models:/<name>@<alias>`` through :func:`heygen_ray.serve.loader.load_variant`
 and serves the variants of its endpoint by multiplexed model id (``@serve.multiplexed``; the
@@ -36,6 +36,7 @@ from ray import serve
 
 from heygen_ray import fsutil
 from heygen_ray.config import SERVE_ENDPOINTS, ServeEndpointSpec, ServeSpec, load_spec
+from heygen_ray.serve.auth import TokenGuard
 from heygen_ray.serve.deployments import (
     COORDINATOR_NAMESPACE,
     DEFAULT_ID,
@@ -83,7 +84,8 @@ api = FastAPI(title="heygen_ray serving", description="Models from the MLflow re
 
 @api.exception_handler(BadInputError)
 async def _bad_input(request: Request, err: BadInputError) -> JSONResponse:
-    return JSONResponse({"detail": err.detail()}, status_code=err.status)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse({"detail": err.detail()}, status_code=err.status, headers=headers)
 
 
 def _cause(err: BaseException) -> Optional[BadInputError]:
@@ -112,11 +114,13 @@ class Ingress:
         self.spec = ServeSpec.from_dict(spec, source="serve spec")
         self.limits = self.spec.limits
         self.handles = handles
+        self.guard = TokenGuard.from_spec(self.spec.auth)  # the tokens as this replica's process sees them
         self.coordinator = ray.remote(num_cpus=0)(_ReloadCoordinator).options(
             name=coordinator_name(self.spec.name), namespace=COORDINATOR_NAMESPACE, get_if_exists=True).remote()
 
     # -- helpers --------------------------------------------------------------------------------
     def _handle(self, endpoint: str, request: Request):
+        self.guard.inference(request.headers)  # first: nothing about the app is told without a token
         if endpoint not in self.handles:
             raise BadInputError("", f"endpoint {ROUTES[endpoint]} is not enabled on this server", 404)
         mid = request.headers.get(MULTIPLEX_HEADER) or request.query_params.get("variant") or DEFAULT_ID
@@ -191,7 +195,8 @@ class Ingress:
         return {"status": "ok", "endpoints": {e: ROUTES[e] for e in self.handles}}
 
     @api.get("/v1/models")
-    async def models(self) -> Dict[str, Any]:
+    async def models(self, request: Request) -> Dict[str, Any]:
+        self.guard.inference(request.headers)
         out = {}
         for e, h in self.handles.items():
             d = await h.describe.remote()
@@ -201,9 +206,11 @@ class Ingress:
         return {"endpoints": out}
 
     @api.post("/v1/admin/reload")
-    async def reload(self) -> Dict[str, Any]:
+    async def reload(self, request: Request) -> Dict[str, Any]:
         """Move every replica to the versions the aliases point at now (in-flight requests finish
-        on the old ones). One replica per endpoint answers here; the others follow within seconds."""
+        on the old ones). One replica per endpoint answers here; the others follow within seconds.
+        Needs the admin token."""
+        self.guard.admin(request.headers)
         results = {}
         for e, h in self.handles.items():
             results[e] = await h.reload.remote()
@@ -280,9 +287,15 @@ def resolve_tracking_uri(spec: ServeSpec) -> Optional[str]:
 def app_from_spec(spec: ServeSpec):
     """The bound application of a validated spec (endpoints without a model are left out)."""
     tracking_uri = resolve_tracking_uri(spec)
+    # replicas run in other working directories: local paths made absolute here
+    data = spec.to_dict()
     root = spec.allowed_uri_root
-    if root is not None and "://" not in root and not os.path.isabs(root):  # replicas run elsewhere: absolute
-        spec = ServeSpec.from_dict(dict(spec.to_dict(), allowed_uri_root=fsutil.absolute(root)))
+    if root is not None and "://" not in root and not os.path.isabs(root):
+        data["allowed_uri_root"] = fsutil.absolute(root)
+    for key in ("admin_token_file", "inference_token_file"):
+        if data["auth"][key]:
+            data["auth"][key] = os.path.abspath(data["auth"][key])
+    spec = ServeSpec.from_dict(data)
     handles = {}
     for e in spec.enabled():
         cfg = getattr(spec, e)

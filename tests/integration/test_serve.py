@@ -19,6 +19,7 @@ from mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
 APP = "serve-test"
+ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,9 @@ def served(ray_session, mlflow_server, tiny_dataset, tmp_path_factory):
     ctx = serve_models.train_and_register(mlflow_server, dataset, out)
     u = ctx["uris"]
     fast = {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}
+    token_file = os.path.join(out, "admin_token")  # as a mounted Secret would be: read by the ingress replica
+    with open(token_file, "w") as f:
+        f.write(ADMIN_TOKEN + "\n")
     spec = ServeSpec.from_dict({
         "name": APP, "host": "127.0.0.1", "port": free_port(), "tracking_uri": mlflow_server,
         "classify": {"model": u["classify"], "batching": fast, "compile_int8": False,
@@ -41,6 +45,7 @@ def served(ray_session, mlflow_server, tiny_dataset, tmp_path_factory):
         "limits": {"max_body_bytes": 8192, "max_upload_bytes": 256 * 1024, "max_frames": 64, "max_prompt_chars": 200,
                    "max_tokens": 16, "max_captions": 4},
         "allowed_uri_root": dataset.output_dir,
+        "auth": {"admin_token_file": token_file},
     })
     try:
         result = deploy(spec)
@@ -274,7 +279,7 @@ def test_killed_replica_is_replaced(served):
     assert codes == [200] * 5
 
 
-def test_alias_move_and_reload_serves_new_version(served):
+def test_alias_move_and_reload_with_the_admin_token_serves_new_version(served):
     from heygen_ray.tracking import set_alias
 
     url, ctx = served["url"], served["ctx"]
@@ -284,9 +289,15 @@ def test_alias_move_and_reload_serves_new_version(served):
     version = serve_models.register_new_classifier(ctx, served["tracking_uri"], served["out"])
     set_alias(serve_models.NAMES["classify"], "champion", version, tracking_uri=served["tracking_uri"])
     assert _classify(url, data).headers["x-model-version"] == "1"  # nothing moves before a reload
+    # the admin endpoint without its token: 401, naming the header, and nothing moves
+    for headers in ({}, {"Authorization": f"Bearer {ADMIN_TOKEN}x"}, {"Authorization": ADMIN_TOKEN}):
+        refused = requests.post(f"{url}/v1/admin/reload", headers=headers, timeout=60)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", refused.text
+        assert refused.json()["detail"][0]["loc"] == ["body", "authorization"]
+    assert _classify(url, data).headers["x-model-version"] == "1"
     with ThreadPoolExecutor(8) as pool:  # requests in flight while the models swap
         inflight = [pool.submit(_classify, url, data) for _ in range(8)]
-        r = requests.post(f"{url}/v1/admin/reload", timeout=120)
+        r = requests.post(f"{url}/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120)
         inflight += [pool.submit(_classify, url, data) for _ in range(8)]
         codes = [f.result().status_code for f in inflight]
     assert r.status_code == 200, r.text

@@ -355,8 +355,17 @@ def test_rayservice_serve_config_is_a_valid_serve_config_for_the_app():
     ServeDeploySchema.model_validate(serve_cfg)  # raises on a wrong key or type
     (app,) = serve_cfg["applications"]
     assert app["import_path"] == "heygen_ray.serve.app:build_app"
-    assert app["args"] == {"config": "configs/serve/quickstart.yaml"}
+    assert app["args"]["config"] == "configs/serve/quickstart.yaml"
     assert serve_cfg["http_options"]["host"] == "0.0.0.0"  # reachable through the serve Service
+    # so every endpoint but /healthz needs a token, from files of a Secret mounted on every worker pod
+    assert app["args"]["auth.inference"] is True
+    files = [app["args"][f"auth.{k}_token_file"] for k in ("admin", "inference")]
+    for group in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if m["name"] in secrets}
+        assert all(any(f.startswith(path + "/") for path in mounts) for f in files), (group["groupName"], mounts)
 
 
 def test_rayservice_import_path_names_the_apps_builder():

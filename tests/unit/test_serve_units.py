@@ -49,6 +49,9 @@ def test_build_app_binds_only_enabled_endpoints(tmp_path):
     assert isinstance(app, Application)
     handles = app._bound_deployment.init_args[1]
     assert sorted(handles) == ["classify", "match"]
+    # a relative token file is resolved where the app is built (replicas run in other directories)
+    bound = build_app({**args, "auth.admin_token_file": "secrets/admin"})._bound_deployment.init_args[0]
+    assert bound["auth"]["admin_token_file"] == os.path.join(os.getcwd(), "secrets", "admin")
 
 
 def test_cluster_serve_config_is_a_valid_serve_deploy_config():
@@ -63,6 +66,8 @@ def test_cluster_serve_config_is_a_valid_serve_deploy_config():
     assert names == {"ingress", "classify", "generate", "complete", "match"}
     spec = spec_from_args_for(app.args)
     assert spec.allowed_uri_root == "/data/videos"
+    # bound to 0.0.0.0: every endpoint but /healthz needs a token, read from files (a mounted Secret)
+    assert spec.auth.inference and spec.auth.admin_token_file and spec.auth.inference_token_file
 
 
 def spec_from_args_for(args):
@@ -175,3 +180,57 @@ def test_reload_reports_a_swap_done_while_it_waited(monkeypatch):
     assert second["changed"] == {"default": {"from": "1", "to": "2"}} and second["versions"] == {"default": "2"}
     assert len(model.reloads) == 1  # one swap happened, recorded once
     assert asyncio.run(model.reload())["changed"] == {}  # nothing moved since
+
+
+# -- bearer tokens ------------------------------------------------------------------------------
+
+
+def test_a_token_comes_from_its_file_first_then_the_environment_and_a_bad_file_is_an_error(tmp_path, monkeypatch):
+    from heygen_ray.serve.auth import read_token
+
+    monkeypatch.setenv("HR_TEST_TOKEN", "  from-env\n")
+    assert read_token(None, "HR_TEST_TOKEN") == "from-env"
+    (tmp_path / "t").write_text("from-file\n")
+    assert read_token(str(tmp_path / "t"), "HR_TEST_TOKEN") == "from-file"
+    monkeypatch.setenv("HR_TEST_TOKEN", " ")
+    assert read_token(None, "HR_TEST_TOKEN") is None and read_token(None, "HR_TEST_UNSET_VARIABLE") is None
+    with pytest.raises(ValueError, match=r"cannot read the token file .*/nope"):
+        read_token(str(tmp_path / "nope"), "HR_TEST_TOKEN")  # never silently open
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="token file .*empty is empty"):
+        read_token(str(tmp_path / "empty"), "HR_TEST_TOKEN")
+
+
+def test_the_token_guard_refuses_missing_wrong_and_unconfigured_tokens():
+    from heygen_ray.serve.auth import TokenGuard, bearer
+    from heygen_ray.serve.schemas import BadInputError
+
+    assert bearer({"authorization": "Bearer abc"}) == "abc" and bearer({"authorization": "bearer  abc "}) == "abc"
+    assert bearer({"authorization": "Basic abc"}) is None and bearer({}) is None and bearer({"authorization": "Bearer "}) is None
+
+    def status(check, headers):
+        try:
+            check(headers)
+        except BadInputError as err:
+            assert err.field == "authorization"
+            return err.status, err.message
+        return 200, ""
+
+    g = TokenGuard(admin="adm", inference="inf", inference_required=False)
+    assert status(g.admin, {"authorization": "Bearer adm"})[0] == 200
+    assert status(g.admin, {})[0] == 401 and "bearer token" in status(g.admin, {})[1]
+    assert status(g.admin, {"authorization": "Bearer inf"}) == (401, "invalid token")  # the inference token is not admin
+    assert status(g.admin, {"authorization": "Bearer admx"}) == (401, "invalid token")
+    assert status(g.inference, {})[0] == 200  # inference tokens off: open
+
+    g = TokenGuard(admin="adm", inference="inf", inference_required=True)
+    assert status(g.inference, {})[0] == 401
+    assert status(g.inference, {"authorization": "Bearer inf"})[0] == 200
+    assert status(g.inference, {"authorization": "Bearer adm"})[0] == 200  # the admin token may call the models
+    assert status(g.inference, {"authorization": "Bearer nope"}) == (401, "invalid token")
+
+    off = TokenGuard(admin=None, inference=None, inference_required=False)
+    code, msg = status(off.admin, {"authorization": "Bearer x"})
+    assert code == 403 and "admin endpoints are off" in msg
+    with pytest.raises(ValueError, match="auth.inference is on but no token"):
+        TokenGuard(admin=None, inference=None, inference_required=True)
