@@ -80,11 +80,11 @@ def test_a_training_tracker_keeps_going_while_the_server_is_down_and_catches_up(
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     proc, uri = start_mlflow_server(tmp_path / "server")
     port = int(uri.rsplit(":", 1)[1])
-    # the CLI and its one uvicorn worker (the server's process group): MLflow's job runner (8 more) is off
-    group = subprocess.run(["ps", "-o", "args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout.splitlines()
-    assert len(group) == 2 and "mlflow server" in group[0] and "-m uvicorn" in group[1], group
     tracking = {"tracking_uri": uri, "experiment": "resilient"}
     try:
+        # the CLI and its one uvicorn worker (the server's process group): MLflow's job runner (8 more) is off
+        group = subprocess.run(["ps", "-o", "args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout.splitlines()
+        assert len(group) == 2 and "mlflow server" in group[0] and "-m uvicorn" in group[1], group
         run_id = track.start_training_run(tracking, str(tmp_path), run_name="r", spec={"steps": 3})
         tracker = track.attach(tracking, str(tmp_path), rank=0, run_id=run_id, resilient=True)
         tracker.retry_after_s = 0.0  # try again at every call (the loop's default waits 30 s between tries)
