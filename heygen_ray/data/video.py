@@ -13,6 +13,7 @@ so the object store carries uint8.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -151,7 +152,6 @@ class StatsKey:
     key: str
     manifest_rows: int  # row ids index the manifest
     num_rows: int  # rows in this dataset (one split of the manifest)
-    manifest: str
 
 
 class DecodeStats:
@@ -228,12 +228,18 @@ class StatsRef:
         return ray.get(self.actor.summary.remote(self.key))
 
 
-def stats_actor() -> Any:
-    """The cluster's `DecodeStats` actor (created by the first caller; restarted, empty, if its node is lost)."""
+@functools.lru_cache(maxsize=None)
+def _stats_actor_class() -> Any:
+    """`DecodeStats` as a Ray actor class, made once per process (not once per dataset)."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DecodeStats).options(
-        name=STATS_ACTOR, namespace=STATS_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DecodeStats)
+
+
+def stats_actor() -> Any:
+    """The cluster's `DecodeStats` actor (created by the first caller; restarted, empty, if its node is lost)."""
+    return _stats_actor_class().options(name=STATS_ACTOR, namespace=STATS_NAMESPACE, lifetime="detached",
+                                        get_if_exists=True).remote()
 
 
 def _release_stats(actor: Any, keys: List[str]) -> None:
@@ -429,8 +435,7 @@ class VideoPipeline:
         sampling = self.spec.sampling
         if sampling == "auto":
             sampling = "random" if split == "train" else "uniform"
-        stats = StatsRef(stats_actor(), StatsKey(uuid.uuid4().hex, int(self.table.num_rows), int(rows.num_rows),
-                                                 self.manifest_uri))
+        stats = StatsRef(stats_actor(), StatsKey(uuid.uuid4().hex, int(self.table.num_rows), int(rows.num_rows)))
         self._track(split or "all", stats)
         # One block per decode batch: small blocks keep every decoder busy and memory flat.
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -34,9 +34,10 @@ def read_token(path: Optional[str], env: str) -> Optional[str]:
 
 def bearer(headers: Mapping[str, str]) -> Optional[str]:
     """The token of an ``Authorization: Bearer <token>`` header (None without one)."""
-    value = headers.get("authorization") or ""
-    scheme, _, token = value.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 def _matches(given: str, tokens: Tuple[str, ...]) -> bool:

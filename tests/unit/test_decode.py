@@ -152,7 +152,7 @@ def test_decode_stats_counts_each_dataset_apart_once_per_row_and_forgets_the_lea
     from heygen_ray.data.video import MAX_REPORTED_PATHS, DecodeStats, StatsKey
 
     st = DecodeStats(max_datasets=2)
-    a, b, c = (StatsKey(k, manifest_rows=10, num_rows=4, manifest="m.parquet") for k in "abc")
+    a, b, c = (StatsKey(k, manifest_rows=10, num_rows=4) for k in "abc")
     bad = [{"row_id": 3, "path": "x.mp4", "reason": "truncated: moov atom not found"}]
     assert st.report(a, [0, 1, 2], bad) is False
     assert st.report(a, [0, 1, 2], bad) is False  # a second epoch: nothing double counted
